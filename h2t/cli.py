@@ -1,0 +1,130 @@
+"""`h2t`: one command for local training, the demo and the service processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from models.config import LocalTrainConfig
+
+DEFAULT_DATA_ROOT = "./data"
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`stage2.rho=0.5` -> (["stage2", "rho"], 0.5); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+    return key.split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[tuple[list[str], object]]) -> dict:
+    for path, value in overrides:
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {'.'.join(path)}: {key} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_train_config(path: Path, overrides: list[tuple[list[str], object]] = ()) -> LocalTrainConfig:
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a YAML mapping")
+    return LocalTrainConfig.model_validate(apply_overrides(raw, list(overrides)))
+
+
+class MetricsLog:
+    """metrics.jsonl keyed by (stage, epoch): an epoch replayed after a crash replaces its line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[tuple[int, int], dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                self.rows[(row["stage"], row["epoch"])] = row
+
+    def write(self, row: dict) -> None:
+        self.rows[(row["stage"], row["epoch"])] = row
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for _, r in sorted(self.rows.items())))
+        os.replace(tmp, self.path)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from models.data import load_dataset
+    from models.reporting import epoch_line, group_table
+    from models.train import resolve_device, train_two_stage
+
+    config = load_train_config(Path(args.config), args.set)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    data_root = args.data_root or os.environ.get("H2T_DATA_ROOT", DEFAULT_DATA_ROOT)
+    dataset = load_dataset(config.dataset, data_root, download=args.download)
+    device = resolve_device(args.device)
+    print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
+          f"{dataset.num_classes} classes, device {device}", flush=True)
+
+    log = MetricsLog(out / "metrics.jsonl")
+
+    def on_epoch(m) -> None:
+        log.write(m.to_dict())
+        print(epoch_line(m), flush=True)
+
+    started = time.perf_counter()
+    result = train_two_stage(dataset, config, out, device, on_epoch,
+                             Path(args.stage1_from) if args.stage1_from else None)
+    counts = dataset.train_counts()
+    summary = {
+        "dataset": dataset.name, "train_images": len(dataset.train), "test_images": len(dataset.test),
+        "train_counts": counts, "groups": result.groups, "device": str(device),
+        "config": config.model_dump(mode="json"), "stage1_from": args.stage1_from,
+        "stage1_last": result.stage1[-1].to_dict() if result.stage1 else None,
+        "stage2_last": result.stage2[-1].to_dict(),
+        "report": result.report.to_dict(), "wall_seconds": time.perf_counter() - started,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("\nlast epoch of stage 2 on the test split:")
+    print(group_table(result.report, counts, result.groups))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="h2t", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run both training stages locally (no service)")
+    train.add_argument("--config", required=True, help="YAML file: a run config plus `dataset:`")
+    train.add_argument("--out", required=True, help="directory for checkpoints, metrics.jsonl, summary.json")
+    train.add_argument("--stage1-from", help="reuse the finished stage 1 of this earlier --out directory")
+    train.add_argument("--set", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set stage2.rho=0.5 (repeatable)")
+    train.add_argument("--data-root", help="folder holding the CIFAR python files "
+                       f"(default: $H2T_DATA_ROOT or {DEFAULT_DATA_ROOT})")
+    train.add_argument("--download", action="store_true", help="download CIFAR into the data root if missing")
+    train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    train.set_defaults(func=train_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"h2t {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The one definition of a training run's configuration.
+
+Imported by the trainer, the CLI, the worker and the REST API (which validates request bodies with
+these very classes), so this module must not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BuiltinName = Literal["cifar10", "cifar100", "digits"]
+BackboneName = Literal["resnet32", "resnet18", "resnet34", "resnet50"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BuiltinDataset(_Frozen):
+    """A long-tailed subset of a builtin balanced dataset (CIFAR-LT style)."""
+
+    builtin: BuiltinName
+    imbalance_factor: float = Field(0.01, gt=0, le=1, description="n_min / n_max, e.g. 0.01 for IR 100")
+    profile: Literal["exp", "step"] = "exp"
+    sampling_seed: int = Field(0, ge=0, description="seed of the per-class subsampling (0 as in the paper)")
+
+
+class FolderDataset(_Frozen):
+    """An ImageFolder tree `root/train/<class>/*` and `root/test/<class>/*`, used as it is."""
+
+    folder: str = Field(min_length=1)
+    image_size: int = Field(32, ge=8, le=512, description="images are resized to this square size")
+
+
+DatasetConfig = BuiltinDataset | FolderDataset
+
+
+class GroupConfig(_Frozen):
+    """How classes split into many/medium/few-shot groups.
+
+    By training counts (many > many_threshold, few < few_threshold) unless explicit index slices are
+    given, as in the paper's CIFAR-100 tables: [[0, 36], [36, 71], [71, 100]].
+    """
+
+    many_threshold: int = Field(100, ge=1)
+    few_threshold: int = Field(20, ge=1)
+    slices: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GroupConfig:
+        if self.few_threshold > self.many_threshold:
+            raise ValueError("few_threshold must not exceed many_threshold")
+        if self.slices is not None:
+            (a0, a1), (b0, b1), (c0, c1) = self.slices
+            if not (a0 == 0 and a0 < a1 == b0 < b1 == c0 < c1):
+                raise ValueError("slices must be contiguous, start at 0 and be non-empty, e.g. [[0,36],[36,71],[71,100]]")
+        return self
+
+
+class Stage1Config(_Frozen):
+    """End-to-end training of backbone and linear classifier (the paper's CIFAR recipe by default)."""
+
+    epochs: int = Field(200, ge=1, le=2000)
+    batch_size: int = Field(128, ge=2, le=4096)
+    lr: float = Field(0.1, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(2e-4, ge=0, le=1)
+    schedule: Literal["multistep", "cosine"] = "multistep"
+    warmup_epochs: int = Field(5, ge=0)
+    milestones: tuple[int, ...] = (160, 180)  # lr x gamma after each of these (1-based) epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+    mixup_alpha: float = Field(1.0, ge=0, description="input mixup Beta(alpha, alpha); 0 disables it")
+
+    @model_validator(mode="after")
+    def _check(self) -> Stage1Config:
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError("milestones must be increasing")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError("warmup_epochs must not exceed epochs")
+        return self
+
+
+class Stage2Config(_Frozen):
+    """Classifier re-training on a frozen backbone: H2T, or cRT/DR when rho is 0."""
+
+    method: Literal["h2t", "crt"] = "h2t"
+    rho: float = Field(0.25, ge=0, le=1, description="fraction of channels fused from the instance branch")
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(128, ge=2, le=4096)
+    lr: float = Field(0.02, gt=0, le=10, description="peak lr of the per-epoch cosine decay")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    shift_bn: bool = Field(True, description="keep updating BatchNorm running statistics of the frozen backbone")
+
+    @model_validator(mode="after")
+    def _check(self) -> Stage2Config:
+        if self.method == "crt" and self.rho != 0:
+            raise ValueError("method 'crt' is H2T without fusion: leave rho out or set it to 0")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _crt_defaults_to_rho_zero(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("method") == "crt" and "rho" not in data:
+            return {**data, "rho": 0.0}
+        return data
+
+    @property
+    def fusion_ratio(self) -> float:
+        return self.rho if self.method == "h2t" else 0.0
+
+
+class RunConfig(_Frozen):
+    """Everything that determines a two-stage run, except the dataset it runs on."""
+
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    backbone: BackboneName = "resnet32"
+    precision: Precision = Field("auto", description="auto: bf16 autocast where the hardware has it, else fp32")
+    groups: GroupConfig = GroupConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+
+
+class LocalTrainConfig(RunConfig):
+    """The YAML file of `h2t train`: a run plus the dataset it runs on."""
+
+    dataset: Annotated[DatasetConfig, Field(union_mode="left_to_right")]

@@ -1,0 +1,132 @@
+"""Accuracy and calibration overall and per many/medium/few-shot class group.
+
+Works on numpy arrays so the serving side (onnxruntime + numpy, no torch) computes the very same
+numbers as the trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+GROUP_NAMES = ("many", "medium", "few")
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    lower: float
+    upper: float
+    count: int
+    accuracy: float  # 0 where the bin is empty
+    confidence: float
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    n: int
+    accuracy: float  # fraction in [0, 1]
+    ece: float  # fraction in [0, 1]
+    bins: tuple[ReliabilityBin, ...]
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    top1: float  # sample accuracy over the whole evaluation set
+    groups: dict[str, GroupReport]  # "overall", "many", "medium", "few"
+
+    def to_dict(self) -> dict:
+        return {"top1": self.top1, "groups": {k: asdict(v) for k, v in self.groups.items()}}
+
+
+def reliability_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> tuple[ReliabilityBin, ...]:
+    """Equal-width bins (lower, upper] over [0, 1] of the max softmax probability."""
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    confidences = np.asarray(confidences, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # right=True: a confidence equal to an edge belongs to the bin it closes, as in the official code
+    which = np.clip(np.digitize(confidences, edges, right=True) - 1, 0, n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        sel = which == b
+        count = int(sel.sum())
+        bins.append(ReliabilityBin(
+            lower=float(edges[b]), upper=float(edges[b + 1]), count=count,
+            accuracy=float(correct[sel].mean()) if count else 0.0,
+            confidence=float(confidences[sel].mean()) if count else 0.0,
+        ))
+    return tuple(bins)
+
+
+def ece_from_bins(bins: Sequence[ReliabilityBin]) -> float:
+    total = sum(b.count for b in bins)
+    if total == 0:
+        return 0.0
+    return float(sum(b.count / total * abs(b.accuracy - b.confidence) for b in bins))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE = sum_b (n_b / N) |acc_b - conf_b| over equal-width bins of the max probability; in [0, 1]."""
+    probs = np.asarray(probs)
+    labels = np.asarray(labels)
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+        raise ValueError("probs must be N x C and labels N")
+    correct = probs.argmax(axis=1) == labels
+    return ece_from_bins(reliability_bins(probs.max(axis=1), correct, n_bins))
+
+
+def class_groups(
+    train_counts: Sequence[int],
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+    slices: Sequence[Sequence[int]] | None = None,
+) -> list[str]:
+    """The group of each class: by explicit index slices, else by training count (many > 100, few < 20)."""
+    if slices is not None:
+        groups = []
+        for cls in range(len(train_counts)):
+            for name, (lo, hi) in zip(GROUP_NAMES, slices, strict=True):
+                if lo <= cls < hi:
+                    groups.append(name)
+                    break
+            else:
+                raise ValueError(f"class {cls} is in no group slice {list(slices)}")
+        return groups
+    return ["many" if n > many_threshold else "few" if n < few_threshold else "medium" for n in train_counts]
+
+
+def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, groups: Sequence[str], n_bins: int = 15) -> EvaluationReport:
+    """Top-1 and, overall and per group, accuracy, ECE and reliability bins.
+
+    Group accuracy is the mean of per-class accuracies over the group's classes present in the
+    evaluation set (the paper's definition); group ECE uses the samples whose true class is in it.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    num_classes = probs.shape[1]
+    if len(groups) != num_classes:
+        raise ValueError(f"{len(groups)} class groups for {num_classes} classes")
+    predictions = probs.argmax(axis=1)
+    confidences = probs.max(axis=1)
+    correct = predictions == labels
+    per_class_n = np.bincount(labels, minlength=num_classes)
+    per_class_correct = np.bincount(labels, weights=correct, minlength=num_classes)
+    group_of_class = np.asarray(groups)
+
+    def report(mask: np.ndarray, classes: np.ndarray) -> GroupReport:
+        bins = reliability_bins(confidences[mask], correct[mask], n_bins)
+        present = classes[per_class_n[classes] > 0]
+        accuracy = float(np.mean(per_class_correct[present] / per_class_n[present])) if len(present) else 0.0
+        return GroupReport(n=int(mask.sum()), accuracy=accuracy, ece=ece_from_bins(bins), bins=bins)
+
+    top1 = float(correct.mean()) if len(correct) else 0.0
+    overall_bins = reliability_bins(confidences, correct, n_bins)
+    reports = {"overall": GroupReport(n=len(labels), accuracy=top1, ece=ece_from_bins(overall_bins), bins=overall_bins)}
+    all_classes = np.arange(num_classes)
+    for name in GROUP_NAMES:
+        classes = all_classes[group_of_class == name]
+        reports[name] = report(np.isin(labels, classes), classes)
+    return EvaluationReport(top1=top1, groups=reports)
