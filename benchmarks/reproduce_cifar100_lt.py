@@ -82,7 +82,8 @@ def run_job(job: Job, jobs_by_name: dict[str, Job], args: argparse.Namespace) ->
     if args.device:
         cmd += ["--device", args.device]
     job.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads_per_job)}
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": str(args.threads_per_job)}
     started = time.perf_counter()
     with open(job.out / "log.txt", "a") as log:
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
