@@ -173,7 +173,8 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data-root", type=Path, default=Path(os.environ.get("H2T_DATA_ROOT", ROOT.parent / "shared" / "data")))
+    default_root = Path(os.environ.get("H2T_DATA_ROOT", ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data-root", type=Path, default=default_root)
     parser.add_argument("--irs", type=int, nargs="+", default=[200, 100, 50], choices=sorted(IMBALANCE_FACTOR))
     parser.add_argument("--stage1-epochs", type=int, default=200)
     parser.add_argument("--stage2-epochs", type=int, default=10)

@@ -99,6 +99,12 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_command(args: argparse.Namespace) -> int:
+    from h2t.demo import run_local_demo
+
+    return run_local_demo(Path(args.out) if args.out else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h2t", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--download", action="store_true", help="download CIFAR into the data root if missing")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     train.set_defaults(func=train_command)
+
+    demo = commands.add_parser("demo", help="train both stages on the embedded long-tailed digits and report")
+    demo.add_argument("--out", help="keep checkpoints and metrics here (default: a temporary directory)")
+    demo.set_defaults(func=demo_command)
     return parser
 
 

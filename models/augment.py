@@ -17,10 +17,14 @@ class CropFlip:
     flip: torch.Tensor  # N, bool
 
     @classmethod
-    def draw(cls, n: int, padding: int, generator: torch.Generator) -> CropFlip:
+    def draw(cls, n: int, padding: int, generator: torch.Generator, crop: bool = True, flip: bool = True) -> CropFlip:
+        """Uniform offsets in [0, 2 * padding] (centred without `crop`), a fair coin per flip."""
         top = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         left = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        return cls(top, left, torch.rand(n, generator=generator) < 0.5)
+        flips = torch.rand(n, generator=generator) < 0.5
+        if not crop:
+            top, left = torch.full_like(top, padding), torch.full_like(left, padding)
+        return cls(top, left, flips if flip else torch.zeros_like(flips))
 
     def to(self, device: torch.device) -> CropFlip:
         return CropFlip(self.top.to(device), self.left.to(device), self.flip.to(device))

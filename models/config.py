@@ -56,7 +56,7 @@ class GroupConfig(_Frozen):
         if self.slices is not None:
             (a0, a1), (b0, b1), (c0, c1) = self.slices
             if not (a0 == 0 and a0 < a1 == b0 < b1 == c0 < c1):
-                raise ValueError("slices must be contiguous, start at 0 and be non-empty, e.g. [[0,36],[36,71],[71,100]]")
+                raise ValueError("slices must be contiguous, non-empty and start at 0, e.g. [[0,36],[36,71],[71,100]]")
         return self
 
 
@@ -113,6 +113,13 @@ class Stage2Config(_Frozen):
         return self.rho if self.method == "h2t" else 0.0
 
 
+class AugmentConfig(_Frozen):
+    """Training-time augmentation of both stages (the paper's CIFAR recipe by default)."""
+
+    random_crop: bool = Field(True, description="random crop after zero padding by image_size / 8 (4 for 32 px)")
+    horizontal_flip: bool = Field(True, description="turn off where mirroring changes the class, e.g. digits")
+
+
 class RunConfig(_Frozen):
     """Everything that determines a two-stage run, except the dataset it runs on."""
 
@@ -120,6 +127,7 @@ class RunConfig(_Frozen):
     backbone: BackboneName = "resnet32"
     precision: Precision = Field("auto", description="auto: bf16 autocast where the hardware has it, else fp32")
     groups: GroupConfig = GroupConfig()
+    augment: AugmentConfig = AugmentConfig()
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
 

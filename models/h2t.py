@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def fuse(fused: torch.Tensor, fusing: torch.Tensor, rho: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def fuse(
+    fused: torch.Tensor, fusing: torch.Tensor, rho: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Replace int(rho * C) randomly chosen channels of `fused` with those of `fusing`.
 
     One channel subset is drawn per call and shared by the whole batch, as in the official code.

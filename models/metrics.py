@@ -98,7 +98,9 @@ def class_groups(
     return ["many" if n > many_threshold else "few" if n < few_threshold else "medium" for n in train_counts]
 
 
-def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, groups: Sequence[str], n_bins: int = 15) -> EvaluationReport:
+def evaluate_predictions(
+    probs: np.ndarray, labels: np.ndarray, groups: Sequence[str], n_bins: int = 15
+) -> EvaluationReport:
     """Top-1 and, overall and per group, accuracy, ECE and reliability bins.
 
     Group accuracy is the mean of per-class accuracies over the group's classes present in the

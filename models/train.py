@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models.augment import CropFlip, crop_flip, mix, mixup_lambda, normalize
 from models.backbones import ImageClassifier, build_classifier
-from models.config import RunConfig, Stage1Config, Stage2Config
+from models.config import AugmentConfig, RunConfig, Stage1Config, Stage2Config
 from models.data import Dataset
 from models.h2t import class_balanced_indices, fuse_channels, fusion_channels
 from models.metrics import EvaluationReport, class_groups, evaluate_predictions
@@ -159,7 +159,9 @@ def predict_probs(
     return torch.cat(out).numpy()
 
 
-def evaluate(model: ImageClassifier, data: DeviceData, groups: list[str], dtype: torch.dtype | None) -> EvaluationReport:
+def evaluate(
+    model: ImageClassifier, data: DeviceData, groups: list[str], dtype: torch.dtype | None
+) -> EvaluationReport:
     probs = predict_probs(model, data.test_images, data.mean, data.std, dtype)
     return evaluate_predictions(probs, data.test_labels.cpu().numpy(), groups)
 
@@ -179,13 +181,16 @@ class EpochDraws:
 
 
 def draw_epoch(
-    labels: torch.Tensor, config: Stage1Config | Stage2Config, padding: int, feature_channels: int,
-    generator: torch.Generator, device: torch.device,
+    labels: torch.Tensor, config: Stage1Config | Stage2Config, augment: AugmentConfig, padding: int,
+    feature_channels: int, generator: torch.Generator, device: torch.device,
 ) -> EpochDraws:
     n = labels.shape[0]
     order = torch.randperm(n, generator=generator)
     sizes = [len(b) for b in order.split(config.batch_size)]  # the last batch may be smaller: no drop_last
-    instance_crops = CropFlip.draw(n, padding, generator)
+    def crops() -> CropFlip:
+        return CropFlip.draw(n, padding, generator, augment.random_crop, augment.horizontal_flip)
+
+    instance_crops = crops()
     balanced = balanced_crops = None
     lams: list[float] = []
     perms: list[torch.Tensor] = []
@@ -193,7 +198,7 @@ def draw_epoch(
     if isinstance(config, Stage2Config):
         balanced_idx = class_balanced_indices(labels.cpu(), n, generator)
         balanced = list(balanced_idx.to(device).split(sizes))
-        balanced_crops = CropFlip.draw(n, padding, generator).to(device).split(sizes)
+        balanced_crops = crops().to(device).split(sizes)
         if config.fusion_ratio > 0:
             fusion = [fusion_channels(feature_channels, config.fusion_ratio, generator).to(device) for _ in sizes]
     elif config.mixup_alpha > 0:
@@ -204,12 +209,12 @@ def draw_epoch(
 
 
 def _train_epoch(
-    model: ImageClassifier, data: DeviceData, config: Stage1Config | Stage2Config, stage: Stage,
-    optimizer: torch.optim.Optimizer, generator: torch.Generator, dtype: torch.dtype | None,
+    model: ImageClassifier, data: DeviceData, config: Stage1Config | Stage2Config, augment: AugmentConfig,
+    stage: Stage, optimizer: torch.optim.Optimizer, generator: torch.Generator, dtype: torch.dtype | None,
 ) -> tuple[float, int]:
     """One pass; returns (mean loss, images seen). Mode (train/eval per part) is set by the caller."""
     device = data.train_images.device
-    draws = draw_epoch(data.train_labels, config, data.padding, model.feature_channels, generator, device)
+    draws = draw_epoch(data.train_labels, config, augment, data.padding, model.feature_channels, generator, device)
     total_loss = torch.zeros((), device=device)
     seen = 0
     for i, instance_idx in enumerate(draws.instance):
@@ -295,7 +300,7 @@ def run_stage(
             group["lr"] = lr
         _set_modes(model, stage, shift_bn)
         started = time.perf_counter()
-        loss, seen = _train_epoch(model, data, stage_config, stage, optimizer,
+        loss, seen = _train_epoch(model, data, stage_config, config.augment, stage, optimizer,
                                   epoch_generator(config.seed, stage, epoch), dtype)
         seconds = time.perf_counter() - started
         report = evaluate(model, data, groups, dtype)

@@ -32,8 +32,7 @@ def _subset_union(labels: np.ndarray) -> np.ndarray:
 
 def pack(data_root: Path, dest: Path) -> None:
     base = data_root / "cifar-100-python"
-    load = lambda name: pickle.load(open(base / name, "rb"), encoding="latin1")  # noqa: E731
-    train, test, meta = load("train"), load("test"), load("meta")
+    train, test, meta = (pickle.loads((base / n).read_bytes(), encoding="latin1") for n in ("train", "test", "meta"))
     labels = np.asarray(train["fine_labels"], dtype=np.int64)
     keep = _subset_union(labels)
     buf = io.BytesIO()
@@ -42,7 +41,8 @@ def pack(data_root: Path, dest: Path) -> None:
              names=np.asarray(meta["fine_label_names"]))
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(lzma.compress(buf.getvalue(), preset=9))
-    print(f"{len(keep)} train + {len(test['fine_labels'])} test images -> {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
+    size = dest.stat().st_size / 2**20
+    print(f"{len(keep)} train + {len(test['fine_labels'])} test images -> {dest} ({size:.1f} MiB)")
 
 
 def unpack(src: Path, data_root: Path) -> None:
@@ -54,10 +54,11 @@ def unpack(src: Path, data_root: Path) -> None:
     pixels[keep] = z["train_pixels"]
     base = data_root / "cifar-100-python"
     base.mkdir(parents=True, exist_ok=True)
-    dump = lambda obj, name: pickle.dump(obj, open(base / name, "wb"), protocol=2)  # noqa: E731
-    dump({"data": pixels, "fine_labels": labels.tolist()}, "train")
-    dump({"data": z["test_pixels"], "fine_labels": z["test_labels"].tolist()}, "test")
-    dump({"fine_label_names": z["names"].tolist()}, "meta")
+    files = {"train": {"data": pixels, "fine_labels": labels.tolist()},
+             "test": {"data": z["test_pixels"], "fine_labels": z["test_labels"].tolist()},
+             "meta": {"fine_label_names": z["names"].tolist()}}
+    for name, obj in files.items():
+        (base / name).write_bytes(pickle.dumps(obj, protocol=2))
     print(f"unpacked {len(keep)} train pixels of {len(labels)} labels and {len(z['test_labels'])} test images")
 
 

@@ -1,0 +1,64 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from h2t.cli import MetricsLog, main
+
+TINY = {
+    "dataset": {"builtin": "digits", "imbalance_factor": 0.05},
+    "augment": {"horizontal_flip": False},
+    "stage1": {"epochs": 2, "batch_size": 64, "warmup_epochs": 1, "milestones": [], "lr": 0.02},
+    "stage2": {"epochs": 1, "batch_size": 64},
+}
+
+
+def _config(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_train_writes_metrics_per_epoch_summary_and_checkpoints(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["train", "--config", str(_config(tmp_path, TINY)), "--out", str(out), "--set", "stage2.rho=0.5",
+                 "--device", "cpu"])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(1, 1), (1, 2), (2, 1)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["stage2"]["rho"] == 0.5 and summary["train_images"] == 489
+    assert set(summary["report"]["groups"]) == {"overall", "many", "medium", "few"}
+    assert (out / "stage1" / "checkpoint.pt").exists() and (out / "stage2" / "checkpoint.pt").exists()
+    printed = capsys.readouterr().out
+    assert "stage 1 epoch   2/2" in printed and "few" in printed.splitlines()[-1]
+
+    # a second stage 2 on the finished stage 1
+    code = main(["train", "--config", str(_config(tmp_path, TINY)), "--out", str(tmp_path / "crt"),
+                 "--stage1-from", str(out), "--set", "stage2.method=crt", "--set", "stage2.rho=0"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "crt" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(2, 1)]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({**TINY, "stage2": {"rho": 2}}, "rho"),
+    ({"dataset": {"builtin": "cifar100"}}, "data root|CIFAR"),
+])
+def test_train_reports_bad_configs_and_missing_data_clearly(tmp_path, capsys, monkeypatch, body, message):
+    monkeypatch.setenv("H2T_DATA_ROOT", str(tmp_path / "nowhere"))
+    code = main(["train", "--config", str(_config(tmp_path, body)), "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("h2t train: error:") and any(m in err for m in message.split("|"))
+
+
+def test_metrics_log_replaces_a_replayed_epoch_instead_of_duplicating_it(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"stage": 1, "epoch": 1, "loss": 2.0})
+    log.write({"stage": 1, "epoch": 2, "loss": 1.5})
+    reopened = MetricsLog(tmp_path / "metrics.jsonl")
+    reopened.write({"stage": 1, "epoch": 2, "loss": 1.4})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["loss"]) for r in lines] == [(1, 2.0), (2, 1.4)]

@@ -1,0 +1,65 @@
+import pytest
+from pydantic import ValidationError
+
+from models.config import (
+    BuiltinDataset,
+    FolderDataset,
+    GroupConfig,
+    LocalTrainConfig,
+    RunConfig,
+    Stage1Config,
+    Stage2Config,
+)
+
+
+def test_defaults_are_the_papers_cifar_recipe():
+    config = RunConfig()
+    assert (config.stage1.epochs, config.stage1.lr, config.stage1.weight_decay) == (200, 0.1, 2e-4)
+    assert (config.stage1.warmup_epochs, config.stage1.milestones, config.stage1.mixup_alpha) == (5, (160, 180), 1.0)
+    assert (config.stage2.method, config.stage2.rho, config.stage2.epochs, config.stage2.lr) == ("h2t", 0.25, 10, 0.02)
+    assert config.stage2.shift_bn is True
+
+
+def test_crt_means_rho_zero_and_refuses_a_nonzero_rho():
+    assert Stage2Config(method="crt").fusion_ratio == 0.0
+    with pytest.raises(ValidationError, match="crt"):
+        Stage2Config(method="crt", rho=0.25)
+
+
+@pytest.mark.parametrize("bad", [
+    {"stage2": {"rho": 1.5}}, {"stage2": {"rho": -0.1}}, {"stage1": {"epochs": 0}}, {"stage1": {"lr": -1}},
+    {"stage1": {"milestones": [180, 160]}}, {"backbone": "vgg16"}, {"precision": "fp8"}, {"unknown": 1},
+    {"stage1": {"epochs": 3, "warmup_epochs": 5}}, {"groups": {"slices": [[0, 10], [20, 30], [30, 40]]}},
+])
+def test_invalid_run_configs_are_rejected(bad):
+    with pytest.raises(ValidationError):
+        RunConfig.model_validate(bad)
+
+
+def test_dataset_is_a_builtin_or_a_folder():
+    config = LocalTrainConfig.model_validate({"dataset": {"builtin": "cifar100", "imbalance_factor": 0.02}})
+    assert isinstance(config.dataset, BuiltinDataset) and config.dataset.imbalance_factor == 0.02
+    config = LocalTrainConfig.model_validate({"dataset": {"folder": "/data/birds"}})
+    assert isinstance(config.dataset, FolderDataset)
+    for bad in ({"builtin": "imagenet"}, {"builtin": "cifar10", "imbalance_factor": 0}, {}):
+        with pytest.raises(ValidationError):
+            LocalTrainConfig.model_validate({"dataset": bad})
+
+
+def test_configs_are_frozen():
+    with pytest.raises(ValidationError):
+        Stage1Config().epochs = 3
+
+
+def test_group_slices_must_tile_the_classes_from_zero():
+    assert GroupConfig(slices=((0, 36), (36, 71), (71, 100))).slices[2] == (71, 100)
+    with pytest.raises(ValidationError):
+        GroupConfig(slices=((1, 36), (36, 71), (71, 100)))
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, models.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+import torch
+
+from models.config import BuiltinDataset, FolderDataset
+from models.data import (
+    digits_long_tailed,
+    load_cifar,
+    load_dataset,
+    load_image_folder,
+    long_tailed_counts,
+    long_tailed_indices,
+)
+from models.metrics import class_groups
+
+
+@pytest.mark.parametrize("factor, total", [(0.01, 10_847), (0.005, 9_502), (0.02, 12_608)])
+def test_cifar100_lt_exp_counts_match_the_published_totals(factor, total):
+    counts = long_tailed_counts(500, 100, factor, "exp")
+    assert sum(counts) == total and counts[0] == 500 and counts[-1] == int(500 * factor)
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_step_profile_halves_classes_into_n_max_and_n_max_times_factor():
+    assert long_tailed_counts(500, 10, 0.1, "step") == [500] * 5 + [50] * 5
+
+
+def test_unknown_profile_is_rejected():
+    with pytest.raises(ValueError, match="profile"):
+        long_tailed_counts(500, 10, 0.1, "linear")
+
+
+def test_long_tailed_indices_replay_the_official_global_numpy_shuffle():
+    labels = np.repeat(np.arange(5), 20)
+    np.random.shuffle(labels)
+    counts = [20, 10, 5, 3, 1]
+    np.random.seed(0)  # what the official code does, through the global legacy generator
+    expected = []
+    for cls, n in enumerate(counts):
+        idx = np.where(labels == cls)[0]
+        np.random.shuffle(idx)
+        expected.append(idx[:n])
+    assert np.array_equal(long_tailed_indices(labels, counts, seed=0), np.concatenate(expected))
+
+
+def test_cifar100_lt_at_factor_001_has_10847_images_and_35_35_30_groups(cifar_root):
+    data = load_dataset(BuiltinDataset(builtin="cifar100", imbalance_factor=0.01), cifar_root)
+    assert len(data.train) == 10_847 and len(data.test) == 10_000
+    assert data.train.images.shape[1:] == (3, 32, 32) and data.train.images.dtype == torch.uint8
+    counts = data.train_counts()
+    assert counts[0] == 500 and counts[99] == 5 and data.test_counts() == [100] * 100
+    groups = class_groups(counts)
+    assert [groups.count(g) for g in ("many", "medium", "few")] == [35, 35, 30]
+    assert data.class_names[:3] == ("apple", "aquarium_fish", "baby")
+
+
+@pytest.mark.parametrize("factor, total", [(0.005, 9_502), (0.02, 12_608)])
+def test_cifar100_lt_sizes_at_other_factors(cifar_root, factor, total):
+    data = load_dataset(BuiltinDataset(builtin="cifar100", imbalance_factor=factor), cifar_root)
+    assert len(data.train) == total
+
+
+def test_cifar100_lt_subsets_are_nested_across_imbalance_factors(cifar_root):
+    # one seeded shuffle per class, whatever is kept: IR 200 subset of IR 100 subset of IR 50
+    small = load_dataset(BuiltinDataset(builtin="cifar100", imbalance_factor=0.005), cifar_root)
+    large = load_dataset(BuiltinDataset(builtin="cifar100", imbalance_factor=0.01), cifar_root)
+    assert torch.equal(small.train.images[:500], large.train.images[:500])
+
+
+def test_missing_cifar_files_give_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CIFAR python pickles"):
+        load_cifar(tmp_path, "cifar10")
+
+
+def test_cifar_needs_a_data_root():
+    with pytest.raises(ValueError, match="data root"):
+        load_dataset(BuiltinDataset(builtin="cifar10"))
+
+
+def test_embedded_digits_are_long_tailed_with_a_balanced_test_split():
+    data = digits_long_tailed(BuiltinDataset(builtin="digits", imbalance_factor=0.05))
+    counts = data.train_counts()
+    assert counts[0] == 144 and counts[-1] == 7 and counts == sorted(counts, reverse=True)
+    assert data.test_counts() == [30] * 10
+    assert data.train.images.shape[1:] == (3, 16, 16) and data.train.images.dtype == torch.uint8
+    assert [g for g in class_groups(counts)].count("many") == 2
+    # real digits: the test images are not all alike
+    assert data.test.images.float().std() > 50
+
+
+def test_image_folder_reads_train_and_test_trees(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    data = load_image_folder(tmp_path, image_size=16)
+    assert data.class_names == ("cat", "dog")
+    assert data.train_counts() == [3, 3] and data.test_counts() == [2, 2]
+    assert data.train.images.shape == (6, 3, 16, 16)
+    assert load_dataset(FolderDataset(folder=str(tmp_path), image_size=16)).num_classes == 2
+
+
+def test_image_folder_refuses_test_classes_unknown_to_train(tmp_path):
+    for d in ("train/a", "train/b", "test/c"):
+        (tmp_path / d).mkdir(parents=True)
+    with pytest.raises(ValueError, match="missing from train"):
+        load_image_folder(tmp_path)

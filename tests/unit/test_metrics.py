@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from models.metrics import class_groups, evaluate_predictions, expected_calibration_error, reliability_bins
+
+
+def _probs(conf_and_pred: list[tuple[float, int]], num_classes: int = 3) -> np.ndarray:
+    """Rows whose max probability is `conf` at class `pred`, the rest spread evenly."""
+    rows = []
+    for conf, pred in conf_and_pred:
+        row = np.full(num_classes, (1 - conf) / (num_classes - 1))
+        row[pred] = conf
+        rows.append(row)
+    return np.array(rows)
+
+
+def test_ece_of_perfectly_calibrated_bins_is_zero():
+    # confidence 0.9 in one bin with 9 of 10 correct
+    probs = _probs([(0.9, 0)] * 10)
+    labels = np.array([0] * 9 + [1])
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_matches_a_hand_computed_two_bin_case():
+    # bin (0.8667, 0.9333]: 4 samples at 0.9, 2 correct -> |0.5 - 0.9| = 0.4, weight 4/6
+    # bin (0.4667, 0.5333]: 2 samples at 0.5, 2 correct -> |1.0 - 0.5| = 0.5, weight 2/6
+    probs = _probs([(0.9, 0)] * 4 + [(0.5, 1)] * 2)
+    labels = np.array([0, 0, 2, 2, 1, 1])
+    assert expected_calibration_error(probs, labels) == pytest.approx(4 / 6 * 0.4 + 2 / 6 * 0.5)
+
+
+def test_ece_of_always_wrong_full_confidence_is_one():
+    probs = _probs([(1.0, 0)] * 5)
+    assert expected_calibration_error(probs, np.ones(5, dtype=int)) == pytest.approx(1.0)
+
+
+def test_ece_puts_a_confidence_on_a_bin_edge_into_the_bin_it_closes():
+    bins = reliability_bins(np.array([1 / 3, 1.0]), np.array([True, False]), n_bins=3)
+    assert [b.count for b in bins] == [1, 0, 1]
+
+
+def test_reliability_bins_cover_zero_to_one_in_equal_widths():
+    bins = reliability_bins(np.array([0.5]), np.array([True]), n_bins=15)
+    assert len(bins) == 15 and bins[0].lower == 0.0 and bins[-1].upper == 1.0
+    assert all(b.upper - b.lower == pytest.approx(1 / 15) for b in bins)
+    assert sum(b.count for b in bins) == 1
+
+
+def test_class_groups_by_training_counts_use_thresholds_100_and_20():
+    assert class_groups([500, 101, 100, 20, 19, 1]) == ["many", "many", "medium", "medium", "few", "few"]
+
+
+def test_class_groups_by_explicit_slices():
+    groups = class_groups([1] * 10, slices=[[0, 3], [3, 7], [7, 10]])
+    assert groups == ["many"] * 3 + ["medium"] * 4 + ["few"] * 3
+
+
+def test_group_accuracy_is_the_mean_of_per_class_accuracies():
+    # class 0 (many): 3 of 4 right; class 1 (few): 0 of 1 right, class 2 (few): 1 of 1 right
+    probs = _probs([(0.9, 0)] * 3 + [(0.9, 1), (0.9, 0), (0.9, 2)])
+    labels = np.array([0, 0, 0, 0, 1, 2])
+    report = evaluate_predictions(probs, labels, ["many", "few", "few"])
+    assert report.top1 == pytest.approx(4 / 6)
+    assert report.groups["many"].accuracy == pytest.approx(0.75)
+    assert report.groups["few"].accuracy == pytest.approx(0.5)
+    assert report.groups["few"].n == 2
+    assert report.groups["medium"].n == 0 and report.groups["medium"].ece == 0.0
+    # group ECE is over the group's samples only: few has 2 samples at 0.9 with 1 right
+    assert report.groups["few"].ece == pytest.approx(0.4)
+
+
+def test_expected_calibration_error_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        expected_calibration_error(np.ones((3, 2)) / 2, np.zeros(4, dtype=int))
