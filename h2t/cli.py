@@ -99,6 +99,39 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def migrate_command(args: argparse.Namespace) -> int:
+    from service.migrate import upgrade_head
+    from service.settings import Settings
+
+    settings = Settings()
+    settings.ensure_local_dirs()
+    upgrade_head(settings.database_url)
+    print(f"database at {settings.database_url.split('@')[-1]} is at the latest schema")
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.logs import configure_logging
+
+    configure_logging(args.log_level)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                log_config=None, timeout_graceful_shutdown=10)
+    return 0
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    from service.logs import configure_logging
+    from service.settings import Settings
+    from worker.celery_app import run_worker
+
+    configure_logging(args.log_level)
+    run_worker(Settings(), args.log_level)
+    return 0
+
+
 def demo_command(args: argparse.Namespace) -> int:
     from h2t.demo import run_local_demo
 
@@ -120,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--download", action="store_true", help="download CIFAR into the data root if missing")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     train.set_defaults(func=train_command)
+
+    serve = commands.add_parser("serve", help="run the REST API (configured by H2T_* variables)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=serve_command)
+
+    worker = commands.add_parser("worker", help="run one Celery training worker (one per GPU)")
+    worker.add_argument("--log-level", default="INFO")
+    worker.set_defaults(func=worker_command)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database to the latest schema (Alembic)")
+    migrate.set_defaults(func=migrate_command)
 
     demo = commands.add_parser("demo", help="train both stages on the embedded long-tailed digits and report")
     demo.add_argument("--out", help="keep checkpoints and metrics here (default: a temporary directory)")

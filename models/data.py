@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.catalog import (
+    CIFAR_LAYOUT,
+    DIGITS_N_MAX,
+    DIGITS_SIZE,
+    DIGITS_TEST_PER_CLASS,
+    cifar_available,
+    cifar_folder,
+    long_tailed_counts,
+    long_tailed_indices,
+    unpickle,
+)
 from models.config import BuiltinDataset, DatasetConfig, FolderDataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -16,12 +26,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # The official H2T code normalises both CIFARs with these statistics.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
-_CIFAR_LAYOUT = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                "batches.meta", "labels", "label_names"),
-    "cifar100": ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names"),
-}
 
 
 @dataclass(frozen=True)
@@ -63,37 +67,6 @@ class Dataset:
         return torch.bincount(self.test.labels, minlength=self.num_classes).tolist()
 
 
-def long_tailed_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str) -> list[int]:
-    """Images kept per class, in label order (LDAM-DRW / H2T construction)."""
-    if profile == "exp":
-        return [int(n_max * imbalance_factor ** (i / (num_classes - 1.0))) for i in range(num_classes)]
-    if profile == "step":
-        half = num_classes // 2
-        return [n_max] * half + [int(n_max * imbalance_factor)] * (num_classes - half)
-    raise ValueError(f"unknown imbalance profile {profile!r}; expected 'exp' or 'step'")
-
-
-def long_tailed_indices(labels: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:
-    """Per class in label order: shuffle that class's indices with one seeded stream, keep the first n_c.
-
-    Same draws as `np.random.seed(seed)` followed by `np.random.shuffle` per class in the official code.
-    """
-    rng = np.random.RandomState(seed)
-    kept = []
-    for cls, n in enumerate(counts):
-        idx = np.where(labels == cls)[0]
-        if n > len(idx):
-            raise ValueError(f"class {cls} has {len(idx)} images, cannot keep {n}")
-        rng.shuffle(idx)
-        kept.append(idx[:n])
-    return np.concatenate(kept)
-
-
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
-
-
 def _download_cifar(root: Path, name: str) -> None:
     from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -106,24 +79,22 @@ def load_cifar(root: str | Path, name: str, download: bool = False) -> tuple[Ima
     Reads the pickle layout itself rather than through torchvision's class, whose md5 check refuses
     re-packed copies of the real data. With `download`, fetches the official archive when missing.
     """
-    if name not in _CIFAR_LAYOUT:
-        raise ValueError(f"unknown CIFAR variant {name!r}; expected one of {sorted(_CIFAR_LAYOUT)}")
-    folder, train_files, test_file, meta_file, label_key, names_key = _CIFAR_LAYOUT[name]
-    base = Path(root) / folder
-    if not (base / test_file).exists():
+    base = cifar_folder(root, name)
+    _, train_files, test_file, meta_file, label_key, names_key = CIFAR_LAYOUT[name]
+    if not cifar_available(root, name):
         if not download:
             raise FileNotFoundError(
-                f"{name}: no {base / test_file}; put the CIFAR python pickles under {root} or allow download")
+                f"{name}: no complete {base}; put the CIFAR python pickles under {root} or allow download")
         _download_cifar(Path(root), name)
 
     def read(files: list[str]) -> ImageSet:
-        batches = [_unpickle(base / f) for f in files]
+        batches = [unpickle(base / f) for f in files]
         data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
         labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
         images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
         return ImageSet(images, torch.from_numpy(labels))
 
-    class_names = tuple(_unpickle(base / meta_file)[names_key])
+    class_names = tuple(unpickle(base / meta_file)[names_key])
     return read(train_files), read([test_file]), class_names
 
 
@@ -135,14 +106,6 @@ def cifar_long_tailed(root: str | Path, spec: BuiltinDataset, download: bool = F
     keep = torch.from_numpy(long_tailed_indices(train.labels.numpy(), counts, spec.sampling_seed))
     lt_train = ImageSet(train.images[keep].contiguous(), train.labels[keep].contiguous())
     return Dataset(f"{spec.builtin}-lt", class_names, lt_train, test, CIFAR_MEAN, CIFAR_STD)
-
-
-# The embedded demo dataset: scikit-learn's 1,797 real 8x8 handwritten digits (UCI), which ship inside
-# the scikit-learn wheel, so no download is ever needed. 30 test images per class; the rest feed a
-# long-tailed training split with up to DIGITS_N_MAX images per class.
-DIGITS_TEST_PER_CLASS = 30
-DIGITS_N_MAX = 144
-DIGITS_SIZE = 16
 
 
 def digits_long_tailed(spec: BuiltinDataset) -> Dataset:

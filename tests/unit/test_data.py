@@ -111,3 +111,22 @@ def test_image_folder_refuses_test_classes_unknown_to_train(tmp_path):
         (tmp_path / d).mkdir(parents=True)
     with pytest.raises(ValueError, match="missing from train"):
         load_image_folder(tmp_path)
+
+
+def test_describe_builtin_gives_the_counts_the_loader_builds_without_loading_images(cifar_root):
+    from models.catalog import describe_builtin
+
+    for spec, root in ((BuiltinDataset(builtin="digits", imbalance_factor=0.1, profile="step"), None),
+                       (BuiltinDataset(builtin="cifar100", imbalance_factor=0.02), cifar_root)):
+        summary = describe_builtin(spec, root)
+        data = load_dataset(spec, root)
+        assert list(summary.train_counts) == data.train_counts()
+        assert list(summary.test_counts) == data.test_counts()
+        assert summary.class_names == data.class_names and summary.image_size == data.image_size
+
+
+def test_describe_builtin_reports_missing_cifar_files(tmp_path):
+    from models.catalog import describe_builtin
+
+    with pytest.raises(FileNotFoundError, match="not under the data root"):
+        describe_builtin(BuiltinDataset(builtin="cifar10"), tmp_path)

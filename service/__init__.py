@@ -1,0 +1,1 @@
+"""The REST service: settings, SQL store, routers. Serves with onnxruntime; never imports torch."""

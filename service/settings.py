@@ -1,0 +1,68 @@
+"""One settings class for the API, the worker and the CLI, read from `H2T_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_HOME = Path("./h2t-data")
+
+
+class Settings(BaseSettings):
+    """Defaults are the embedded single-machine setup: SQLite store, SQLite broker, local disk."""
+
+    model_config = SettingsConfigDict(env_prefix="H2T_", frozen=True)
+
+    database_url: str = Field(f"sqlite:///{DEFAULT_HOME}/h2t.db", description="SQLAlchemy URL of the store")
+    broker_url: str = Field(f"sqla+sqlite:///{DEFAULT_HOME}/broker.db",
+                            description="Celery broker: redis://... in production; the default needs no server")
+    artifact_dir: Path = Field(DEFAULT_HOME / "artifacts", description="checkpoints, uploaded datasets, ONNX files")
+    data_root: Path = Field(Path("./data"), description="where the builtin CIFAR python files live")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="comma-separated keys accepted in the X-API-Key header; at least one is required")
+    queue_name: str = Field("training", description="Celery queue the workers consume")
+
+    max_upload_bytes: int = Field(512 * 2**20, gt=0, description="largest accepted request body (archive)")
+    max_archive_members: int = Field(200_000, gt=0)
+    max_archive_bytes: int = Field(4 * 2**30, gt=0, description="largest total uncompressed archive size")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest width x height of one image")
+
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a training worker proves it is alive")
+    heartbeat_timeout_s: float = Field(120.0, gt=0, description="a running run silent this long is requeued")
+    max_attempts: int = Field(3, ge=1, description="claims of one run before a lost worker marks it failed")
+    sweep_interval_s: float = Field(30.0, gt=0, description="how often stale runs are looked for")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError("H2T_HEARTBEAT_TIMEOUT_S must exceed twice H2T_HEARTBEAT_INTERVAL_S")
+        return self
+
+    def require_api_keys(self) -> None:
+        if not self.api_keys:
+            raise ValueError("set H2T_API_KEYS to at least one key (comma-separated) before serving")
+
+    def ensure_local_dirs(self) -> None:
+        """Create the artifact dir and the folders of SQLite files named by the URLs."""
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        for url in (self.database_url, self.broker_url):
+            if "sqlite:///" in url:
+                path = url.split("sqlite:///", 1)[1].split("?", 1)[0]
+                if path and path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,60 @@
+"""`h2t worker`: one Celery process (solo pool, one task at a time) per GPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from service.queue import TRAIN_TASK, make_celery
+from service.settings import Settings
+from service.sweeper import sweep_once
+
+log = logging.getLogger("h2t.worker")
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_worker_app(settings: Settings) -> Celery:
+    from worker.runner import train_run
+
+    app = make_celery(settings)
+
+    @app.task(name=TRAIN_TASK)
+    def train_run_task(run_id: str) -> str:
+        return train_run(run_id, settings, worker_name())
+
+    return app
+
+
+def _sweep_periodically(settings: Settings, app: Celery) -> None:
+    """Every worker also looks for runs whose worker died, so none stays 'running' forever."""
+    stop = threading.Event()
+    while not stop.wait(settings.sweep_interval_s):
+        try:
+            sweep_once(settings, app)
+        except Exception:
+            log.exception("stale-run sweep failed")
+
+
+def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
+    settings.ensure_local_dirs()
+    app = build_worker_app(settings)
+
+    @worker_ready.connect(weak=False)
+    def _on_ready(**_: object) -> None:
+        try:
+            sweep_once(settings, app)
+        except Exception:
+            log.exception("start-up sweep failed")
+        threading.Thread(target=_sweep_periodically, args=(settings, app), daemon=True, name="sweeper").start()
+
+    app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={settings.queue_name}",
+                     f"--loglevel={loglevel}", f"--hostname=h2t@{socket.gethostname()}.{os.getpid()}",
+                     "--without-gossip", "--without-mingle"])

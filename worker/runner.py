@@ -1,0 +1,138 @@
+"""Train one run: claim it, train through models.train with a callback that writes each epoch's
+metrics row and checks for cancellation, record artifacts, finish. Idempotent: a redelivered task
+finds the run claimed (and skips) or stale (and resumes from the last checkpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import traceback
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from models.config import BuiltinDataset, DatasetConfig, FolderDataset, RunConfig
+from service.db import session_scope
+from service.orm import ArtifactRow, DatasetRow, RunRow, RunStatus, utcnow
+from service.runs import service as runs
+from service.settings import Settings
+
+log = logging.getLogger("h2t.worker")
+
+
+class ClaimLost(Exception):
+    """Another worker took the run over (this one was declared dead); stop without writing."""
+
+
+def run_dir(settings: Settings, run_id: str) -> Path:
+    return settings.artifact_dir / "runs" / run_id
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes the claim every interval while training runs, whatever the epoch length."""
+
+    def __init__(self, settings: Settings, run_id: str, token: str) -> None:
+        super().__init__(name=f"heartbeat-{run_id}", daemon=True)
+        self.settings, self.run_id, self.token = settings, run_id, token
+        self.stopped = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.heartbeat_interval_s):
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    if not runs.heartbeat(session, self.run_id, self.token, utcnow()):
+                        self.lost.set()
+                        return
+            except Exception:  # a blip of the database: the next beat tries again
+                log.exception("heartbeat failed", extra={"run_id": self.run_id})
+
+
+def _record_artifacts(settings: Settings, run_id: str, out_dir: Path) -> None:
+    with session_scope(settings.database_url) as session:
+        for kind in ("stage1", "stage2"):
+            path = out_dir / kind / "checkpoint.pt"
+            if not path.exists():
+                continue
+            rel = str(path.relative_to(settings.artifact_dir))
+            row = session.query(ArtifactRow).filter_by(run_id=run_id, kind=f"{kind}_checkpoint").first()
+            row = row or ArtifactRow(run_id=run_id, kind=f"{kind}_checkpoint")
+            row.path, row.size_bytes, row.sha256 = rel, path.stat().st_size, _sha256(path)
+            session.add(row)
+
+
+def train_run(run_id: str, settings: Settings, worker_name: str) -> str:
+    """The task body. Returns what happened: skipped, succeeded, cancelled, failed or lost."""
+    token = str(uuid.uuid4())
+    with session_scope(settings.database_url) as session:
+        now = utcnow()
+        if not runs.claim(session, run_id, token, worker_name, now,
+                          now - timedelta(seconds=settings.heartbeat_timeout_s)):
+            log.info("run %s is not claimable (taken, finished or cancelled): skipped", run_id,
+                     extra={"run_id": run_id})
+            return "skipped"
+        run = session.get(RunRow, run_id)
+        config = RunConfig.model_validate(run.config)
+        dataset_row = session.get(DatasetRow, run.dataset_id)
+        spec: DatasetConfig = (FolderDataset if dataset_row.kind == "archive" else BuiltinDataset).model_validate(
+            dataset_row.spec)
+        stage1_from = run.stage1_from
+        first_stage = 2 if stage1_from else 1
+        runs.set_stage(session, run_id, token, first_stage, 0,
+                       config.stage2.epochs if stage1_from else config.stage1.epochs)
+    log.info("claimed run %s (attempt by %s)", run_id, worker_name, extra={"run_id": run_id})
+
+    beat = Heartbeat(settings, run_id, token)
+    beat.start()
+    try:
+        outcome = _train(run_id, settings, token, config, spec, stage1_from, beat)
+    finally:
+        beat.stopped.set()
+    log.info("run %s %s", run_id, outcome, extra={"run_id": run_id})
+    return outcome
+
+
+def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec: DatasetConfig,
+           stage1_from: str | None, beat: Heartbeat) -> str:
+    from models.data import load_dataset
+    from models.train import TrainingCancelled, resolve_device, train_two_stage
+
+    def on_epoch(m) -> None:
+        if beat.lost.is_set():
+            raise ClaimLost
+        with session_scope(settings.database_url) as session:
+            status = runs.record_epoch(session, run_id, token, m.to_dict())
+            if status is None:
+                raise ClaimLost
+            if m.stage == 1 and m.epoch == m.epochs:
+                runs.set_stage(session, run_id, token, 2, 0, config.stage2.epochs)
+        if status == RunStatus.cancelling:
+            raise TrainingCancelled
+
+    out_dir = run_dir(settings, run_id)
+    try:
+        dataset = load_dataset(spec, settings.data_root)
+        train_two_stage(dataset, config, out_dir, resolve_device(), on_epoch,
+                        run_dir(settings, stage1_from) if stage1_from else None)
+        _record_artifacts(settings, run_id, out_dir)
+        status, error = RunStatus.succeeded, None
+    except ClaimLost:
+        return "lost"
+    except TrainingCancelled:
+        status, error = RunStatus.cancelled, None
+    except Exception as exc:  # the run failed, the worker carries on with the next one
+        log.error("run %s failed:\n%s", run_id, traceback.format_exc(), extra={"run_id": run_id})
+        status, error = RunStatus.failed, f"{type(exc).__name__}: {exc}"
+    with session_scope(settings.database_url) as session:
+        if not runs.finish(session, run_id, token, status, error):
+            return "lost"
+    return status.value
