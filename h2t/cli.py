@@ -133,9 +133,11 @@ def worker_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from h2t.demo import run_local_demo
+    from h2t.demo import run_local_demo, run_service_demo
 
-    return run_local_demo(Path(args.out) if args.out else None)
+    if args.local:
+        return run_local_demo()
+    return run_service_demo(args.stage1_epochs, args.stage2_epochs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="upgrade the database to the latest schema (Alembic)")
     migrate.set_defaults(func=migrate_command)
 
-    demo = commands.add_parser("demo", help="train both stages on the embedded long-tailed digits and report")
-    demo.add_argument("--out", help="keep checkpoints and metrics here (default: a temporary directory)")
+    demo = commands.add_parser("demo", help="the whole system (API + worker) on the embedded long-tailed digits")
+    demo.add_argument("--local", action="store_true", help="train in this process instead, without the service")
+    demo.add_argument("--stage1-epochs", type=int, help="shorten the demo's stage 1 (default 20 epochs)")
+    demo.add_argument("--stage2-epochs", type=int, help="shorten the demo's stage 2 (default 10 epochs)")
     demo.set_defaults(func=demo_command)
     return parser
 

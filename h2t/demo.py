@@ -1,9 +1,23 @@
-"""`h2t demo`: the whole pipeline on the embedded digits, no servers and no downloads."""
+"""`h2t demo`: the whole system on the embedded defaults, on one machine with no servers installed.
+
+Starts the API and one worker (SQLite store, SQLite broker, artifacts on local disk, all in a
+scratch folder), creates the embedded long-tailed digits over REST, submits a run, follows its
+progress, prints the per-group report from the stored metrics and stops everything.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
+
+import httpx
 
 from models.config import AugmentConfig, BuiltinDataset, LocalTrainConfig, Stage1Config, Stage2Config
 
@@ -16,9 +30,19 @@ DEMO_CONFIG = LocalTrainConfig(
                         warmup_epochs=2, mixup_alpha=0.0),
     stage2=Stage2Config(method="h2t", rho=0.25, epochs=10, batch_size=32, lr=0.02, weight_decay=5e-4),
 )
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def demo_config(stage1_epochs: int | None = None, stage2_epochs: int | None = None) -> LocalTrainConfig:
+    stage1 = DEMO_CONFIG.stage1.model_copy(update={"epochs": stage1_epochs} if stage1_epochs else {})
+    if stage1.warmup_epochs > stage1.epochs:
+        stage1 = stage1.model_copy(update={"warmup_epochs": stage1.epochs})
+    stage2 = DEMO_CONFIG.stage2.model_copy(update={"epochs": stage2_epochs} if stage2_epochs else {})
+    return DEMO_CONFIG.model_copy(update={"stage1": stage1, "stage2": stage2})
 
 
 def run_local_demo(out_dir: Path | None = None) -> int:
+    """The same training in this process, without the service."""
     from models.data import load_dataset
     from models.reporting import epoch_line, group_table
     from models.train import resolve_device, train_two_stage
@@ -30,9 +54,144 @@ def run_local_demo(out_dir: Path | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="h2t-demo-") as tmp:
         result = train_two_stage(dataset, DEMO_CONFIG, out_dir or Path(tmp), device,
                                  on_epoch=lambda m: print(epoch_line(m), flush=True))
-    s1, s2 = result.stage1[-1], result.stage2[-1]
-    print(f"\nstage 1 (CE) last epoch: top-1 {100 * s1.top1:.2f}%, few-shot {100 * s1.few:.2f}%")
-    print(f"stage 2 (H2T, rho {DEMO_CONFIG.stage2.rho}) last epoch: top-1 {100 * s2.top1:.2f}%, "
-          f"few-shot {100 * s2.few:.2f}%\n")
+    print()
     print(group_table(result.report, dataset.train_counts(), result.groups))
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen, name: str) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            print(f"{name} did not stop in 20 s; killing it", flush=True)
+            process.kill()
+            process.wait()
+
+
+def _wait_ready(client: httpx.Client, processes: dict[str, subprocess.Popen], timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"the {name} exited with code {process.returncode}")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the API was not ready within {timeout_s:.0f} s")
+
+
+def _check(response: httpx.Response) -> dict:
+    if response.is_error:
+        raise RuntimeError(f"{response.request.method} {response.request.url.path} -> {response.status_code}: "
+                           f"{response.text}")
+    return response.json()
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (f"stage {row['stage']} epoch {row['epoch']:>3}/{epochs} loss {row['loss']:.4f} "
+            f"top1 {100 * row['top1']:5.2f} many {100 * row['many']:5.2f} med {100 * row['medium']:5.2f} "
+            f"few {100 * row['few']:5.2f} ECE {100 * row['ece']:5.2f}")
+
+
+def report_table(dataset: dict, last: dict) -> str:
+    """Per-group table of a stored metrics row, with class and image counts from the dataset."""
+    lines = [f"{'group':<8} {'classes':>7} {'train imgs':>10} {'test imgs':>9} {'acc %':>7} {'ECE %':>7}"]
+    for name, acc_key, ece_key in (("overall", "top1", "ece"), ("many", "many", "ece_many"),
+                                   ("medium", "medium", "ece_medium"), ("few", "few", "ece_few")):
+        members = [i for i, g in enumerate(dataset["groups"]) if name == "overall" or g == name]
+        train = sum(dataset["train_counts"][i] for i in members)
+        test = sum(dataset["test_counts"][i] for i in members)
+        lines.append(f"{name:<8} {len(members):>7} {train:>10} {test:>9} {100 * last[acc_key]:>7.2f} "
+                     f"{100 * last[ece_key]:>7.2f}")
+    return "\n".join(lines)
+
+
+def run_service_demo(stage1_epochs: int | None = None, stage2_epochs: int | None = None,
+                     home: Path | None = None) -> int:
+    config = demo_config(stage1_epochs, stage2_epochs)
+    with tempfile.TemporaryDirectory(prefix="h2t-demo-") as tmp:
+        home = home or Path(tmp)
+        key = secrets.token_urlsafe(16)
+        env = {
+            **os.environ,
+            "H2T_DATABASE_URL": f"sqlite:///{home / 'h2t.db'}",
+            "H2T_BROKER_URL": f"sqla+sqlite:///{home / 'broker.db'}",
+            "H2T_ARTIFACT_DIR": str(home / "artifacts"),
+            "H2T_API_KEYS": key,
+            "PYTHONUNBUFFERED": "1",
+        }
+        subprocess.run([sys.executable, "-m", "h2t", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+        port = _free_port()
+        logs = {name: open(home / f"{name}.log", "w") for name in ("api", "worker")}  # noqa: SIM115
+        processes = {
+            "api": subprocess.Popen([sys.executable, "-m", "h2t", "serve", "--port", str(port)], env=env,
+                                    stdout=logs["api"], stderr=subprocess.STDOUT),
+            "worker": subprocess.Popen([sys.executable, "-m", "h2t", "worker"], env=env,
+                                       stdout=logs["worker"], stderr=subprocess.STDOUT),
+        }
+        print(f"demo: API on http://127.0.0.1:{port} and one worker; SQLite store, SQLite broker, "
+              f"artifacts in {home}", flush=True)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=30) as client:
+                _wait_ready(client, processes)
+                return _drive(client, config, processes)
+        except Exception as exc:
+            print(f"demo failed: {exc}\n(logs: {home}/api.log, {home}/worker.log)", file=sys.stderr)
+            for name in logs:
+                print(f"--- last lines of {name}.log ---", file=sys.stderr)
+                logs[name].flush()
+                print("\n".join((home / f"{name}.log").read_text().splitlines()[-15:]), file=sys.stderr)
+            return 1
+        finally:
+            for name, process in processes.items():
+                _stop(process, name)
+            for log in logs.values():
+                log.close()
+
+
+def _drive(client: httpx.Client, config: LocalTrainConfig, processes: dict[str, subprocess.Popen]) -> int:
+    dataset = _check(client.post("/v1/datasets", json=config.dataset.model_dump(mode="json")))
+    print(f"POST /v1/datasets -> {dataset['id']}: {dataset['name']}, train counts {dataset['train_counts']}")
+    body = {"dataset_id": dataset["id"], **config.model_dump(mode="json", exclude={"dataset"})}
+    run = _check(client.post("/v1/runs", json=body))
+    print(f"POST /v1/runs -> {run['id']}: {run['status']}", flush=True)
+    shown: set[tuple[int, int]] = set()
+    epochs = {1: config.stage1.epochs, 2: config.stage2.epochs}
+    status = run["status"]
+    while True:
+        run = _check(client.get(f"/v1/runs/{run['id']}"))
+        for row in _check(client.get(f"/v1/runs/{run['id']}/metrics"))["data"]:
+            if (row["stage"], row["epoch"]) not in shown:
+                shown.add((row["stage"], row["epoch"]))
+                print(_epoch_line(row, epochs[row["stage"]]), flush=True)
+        if run["status"] != status:
+            status = run["status"]
+            print(f"run is {status}", flush=True)
+        if status in TERMINAL:
+            break
+        if processes["worker"].poll() is not None:
+            raise RuntimeError("the worker exited")
+        time.sleep(0.5)
+    if status != "succeeded":
+        raise RuntimeError(f"run {status}: {run['error']}")
+    metrics = _check(client.get(f"/v1/runs/{run['id']}/metrics"))["data"]
+    stage1_last = [m for m in metrics if m["stage"] == 1][-1]
+    stage2_last = metrics[-1]
+    print(f"\nstage 1 (CE) last epoch: top-1 {100 * stage1_last['top1']:.2f}%, "
+          f"few-shot {100 * stage1_last['few']:.2f}%")
+    print(f"stage 2 (H2T, rho {config.stage2.rho}) last epoch: top-1 {100 * stage2_last['top1']:.2f}%, "
+          f"few-shot {100 * stage2_last['few']:.2f}%\n")
+    print("last epoch of stage 2 on the held-out test split, from the stored metrics:")
+    print(report_table(dataset, stage2_last))
     return 0
