@@ -1,0 +1,172 @@
+"""Integration fixtures: a fresh PostgreSQL database migrated by Alembic, a private Redis queue,
+real worker processes started with `python -m h2t worker`. No fakes, no eager Celery.
+
+Servers: H2T_TEST_PG_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test) and
+H2T_TEST_REDIS_URL (default redis://127.0.0.1:6379/15). Tests skip when they are unreachable,
+unless H2T_REQUIRE_SERVERS=1 (set by .ci/run), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from service.migrate import upgrade_head
+from service.settings import Settings
+from tests.conftest import SHARED_DATA
+
+PG_URL = os.environ.get("H2T_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("H2T_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+API_KEY = "integration-test-key"
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("H2T_REQUIRE_SERVERS") == "1":
+        pytest.fail(f"{reason} (H2T_REQUIRE_SERVERS=1)")
+    pytest.skip(f"{reason}; start PostgreSQL and Redis (see .ci/run) to run integration tests")
+
+
+@pytest.fixture(scope="session")
+def admin_engine() -> Iterator[sa.Engine]:
+    engine = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        _unavailable(f"PostgreSQL at {PG_URL} is unreachable: {exc.orig}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def make_database(admin_engine: sa.Engine) -> Iterator[Callable[[], str]]:
+    """Creates empty PostgreSQL databases on demand; drops them all at the end."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"h2t_it_{uuid.uuid4().hex[:12]}"
+        with admin_engine.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return admin_engine.url.set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    from service.db import get_engine
+
+    get_engine.cache_clear()
+    with admin_engine.connect() as connection:
+        for name in created:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis at {REDIS_URL} is unreachable: {exc}")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def database_url(make_database: Callable[[], str]) -> str:
+    url = make_database()
+    upgrade_head(url)
+    return url
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """Per test: its own queue and artifact dir on the shared migrated database; fast heartbeats."""
+    queue = f"h2t-it-{uuid.uuid4().hex[:8]}"
+    yield Settings(
+        database_url=database_url, broker_url=redis_url, artifact_dir=tmp_path / "artifacts",
+        data_root=SHARED_DATA, api_keys=(API_KEY,), queue_name=queue,
+        heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0, sweep_interval_s=1.0, max_upload_bytes=2 * 2**20,
+        max_archive_members=50, max_archive_bytes=4 * 2**20, max_image_pixels=512 * 512,
+    )
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"*{queue}*"):
+        client.delete(key)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "H2T_DATABASE_URL": settings.database_url, "H2T_BROKER_URL": settings.broker_url,
+        "H2T_ARTIFACT_DIR": str(settings.artifact_dir), "H2T_DATA_ROOT": str(settings.data_root),
+        "H2T_API_KEYS": ",".join(settings.api_keys), "H2T_QUEUE_NAME": settings.queue_name,
+        "H2T_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+        "H2T_HEARTBEAT_TIMEOUT_S": str(settings.heartbeat_timeout_s),
+        "H2T_SWEEP_INTERVAL_S": str(settings.sweep_interval_s),
+        "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+    }
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "h2t", "worker"], cwd=REPO, env=settings_env(settings),
+                                       stdout=log, stderr=subprocess.STDOUT)
+        worker = WorkerProcess(process, log_path)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    from service.app import create_app
+
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as test_client:
+        yield test_client
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

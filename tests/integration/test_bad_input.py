@@ -1,0 +1,270 @@
+"""Bad and hostile requests: each gets a 4xx problem+json, leaves nothing behind, and the service
+keeps serving."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from service.db import session_scope
+from service.orm import ArtifactRow, DatasetRow, MetricRow, RunRow
+
+pytestmark = pytest.mark.integration
+
+
+def png(size: tuple[int, int] = (12, 12), seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_zip(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o120777 << 16
+            archive.writestr(info, target)
+    return buffer.getvalue()
+
+
+def make_tar(files: dict[str, bytes], links: dict[str, tuple[bytes, str]] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for name, (kind, target) in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            archive.addfile(info)
+    return buffer.getvalue()
+
+
+def good_files(classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 3) -> dict[str, bytes]:
+    files = {}
+    for split in ("train", "test"):
+        for c, cls in enumerate(classes):
+            for i in range(per_class):
+                files[f"{split}/{cls}/{i}.png"] = png(seed=100 * c + i)
+    return files
+
+
+def upload(client, data: bytes, filename: str = "data.zip", **fields):
+    return client.post("/v1/datasets", files={"archive": (filename, data, "application/octet-stream")}, data=fields)
+
+
+def zip_with(**extra: bytes) -> bytes:
+    return make_zip({**good_files(), **extra})
+
+
+class Case:
+    def __init__(self, name: str, status: int, send, detail: str = "") -> None:
+        self.name, self.status, self.send, self.detail = name, status, send, detail
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _declared_bomb() -> bytes:
+    """A zip whose one member declares (and holds) 5 MiB of zeros: compressed to a few KiB."""
+    return make_zip({**good_files(), "train/cat/big.png": b"\0" * (5 * 2**20)})
+
+
+CASES = [
+    Case("no API key", 401, lambda c, ids: c.get("/v1/datasets", headers={"X-API-Key": ""})),
+    Case("wrong API key", 401, lambda c, ids: c.get("/v1/runs", headers={"X-API-Key": "nope"})),
+    Case(
+        "text/plain body",
+        415,
+        lambda c, ids: c.post("/v1/datasets", content=b"hello", headers={"content-type": "text/plain"}),
+    ),
+    Case(
+        "malformed JSON",
+        422,
+        lambda c, ids: c.post("/v1/datasets", content=b"{not json", headers={"content-type": "application/json"}),
+    ),
+    Case("unknown builtin", 422, lambda c, ids: c.post("/v1/datasets", json={"builtin": "imagenet"})),
+    Case(
+        "imbalance factor 0",
+        422,
+        lambda c, ids: c.post("/v1/datasets", json={"builtin": "digits", "imbalance_factor": 0}),
+    ),
+    Case("extra JSON field", 422, lambda c, ids: c.post("/v1/datasets", json={"builtin": "digits", "x": 1})),
+    Case("builtin without its files", 422, lambda c, ids: c.post("/v1/datasets", json={"builtin": "cifar10"})),
+    Case(
+        "multipart without archive",
+        422,
+        lambda c, ids: c.post("/v1/datasets", data={"name": "x"}, files={"other": ("a.txt", b"x")}),
+    ),
+    Case(
+        "not an archive", 422, lambda c, ids: upload(c, b"\x89PNG this is not an archive at all"), "not a readable zip"
+    ),
+    Case("absolute path", 422, lambda c, ids: upload(c, zip_with(**{"/etc/evil.png": png()})), "absolute"),
+    Case(
+        "parent traversal",
+        422,
+        lambda c, ids: upload(c, make_zip({**good_files(), "train/../../evil.png": png()})),
+        "'..'",
+    ),
+    Case(
+        "zip symlink",
+        422,
+        lambda c, ids: upload(c, make_zip(good_files(), {"train/cat/link.png": "/etc/passwd"})),
+        "symbolic link",
+    ),
+    Case(
+        "tar symlink",
+        422,
+        lambda c, ids: upload(
+            c, make_tar(good_files(), {"train/cat/l.png": (tarfile.SYMTYPE, "/etc/passwd")}), "data.tar.gz"
+        ),
+        "is a link",
+    ),
+    Case(
+        "tar hard link",
+        422,
+        lambda c, ids: upload(
+            c, make_tar(good_files(), {"train/cat/h.png": (tarfile.LNKTYPE, "train/cat/0.png")}), "data.tar.gz"
+        ),
+        "is a link",
+    ),
+    Case("non-image file", 422, lambda c, ids: upload(c, zip_with(**{"train/cat/notes.txt": b"hi"})), "not an image"),
+    Case(
+        "truncated image",
+        422,
+        lambda c, ids: upload(c, zip_with(**{"train/cat/bad.png": png()[:60]})),
+        "not a readable image",
+    ),
+    Case(
+        "image not an image",
+        422,
+        lambda c, ids: upload(c, zip_with(**{"train/cat/fake.jpg": b"GIF89a garbage"})),
+        "not a readable image",
+    ),
+    Case(
+        "huge image dimensions",
+        422,
+        lambda c, ids: upload(c, zip_with(**{"train/cat/wide.png": png((600, 600))})),
+        "pixel limit",
+    ),
+    Case("too many members", 413, lambda c, ids: upload(c, make_zip(good_files(per_class=15))), "members"),
+    Case("body over the upload limit", 413, lambda c, ids: upload(c, b"\0" * (3 * 2**20)), "exceeds"),
+    Case("archive unpacks too large", 413, lambda c, ids: upload(c, _declared_bomb()), "unpacks to more"),
+    Case("file outside train/test", 422, lambda c, ids: upload(c, zip_with(**{"train/x.png": png()})), "train/<class>"),
+    Case("only one class", 422, lambda c, ids: upload(c, make_zip(good_files(classes=("cat",)))), "two class"),
+    Case("test class unknown to train", 422, lambda c, ids: upload(c, zip_with(**{"test/cow/0.png": png()})), "lacks"),
+    Case("image_size out of range", 422, lambda c, ids: upload(c, make_zip(good_files()), image_size="4")),
+    Case("corrupt tar.gz", 422, lambda c, ids: upload(c, make_tar(good_files())[:200], "data.tar.gz"), "corrupt"),
+    Case("run on unknown dataset", 404, lambda c, ids: c.post("/v1/runs", json={"dataset_id": "nope"})),
+    Case(
+        "run with rho 2",
+        422,
+        lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "stage2": {"rho": 2}}),
+    ),
+    Case(
+        "crt with rho",
+        422,
+        lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "stage2": {"method": "crt", "rho": 0.5}}),
+    ),
+    Case(
+        "run with unknown field",
+        422,
+        lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "learning_rate": 1}),
+    ),
+    Case(
+        "run with negative epochs",
+        422,
+        lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "stage1": {"epochs": -1}}),
+    ),
+    Case(
+        "group slices not the dataset's classes",
+        422,
+        lambda c, ids: c.post(
+            "/v1/runs", json={"dataset_id": ids["dataset"], "groups": {"slices": [[0, 3], [3, 6], [6, 100]]}}
+        ),
+    ),
+    Case(
+        "stage1_from unknown run",
+        404,
+        lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "stage1_from": "nope"}),
+    ),
+    Case(
+        "stage1_from an unfinished run",
+        409,
+        lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "stage1_from": ids["cancelled_run"]}),
+    ),
+    Case("unknown run", 404, lambda c, ids: c.get("/v1/runs/nope")),
+    Case("metrics of unknown run", 404, lambda c, ids: c.get("/v1/runs/nope/metrics")),
+    Case("unknown dataset", 404, lambda c, ids: c.get("/v1/datasets/nope")),
+    Case("cancel unknown run", 404, lambda c, ids: c.post("/v1/runs/nope/cancel")),
+    Case("cancel a cancelled run", 409, lambda c, ids: c.post(f"/v1/runs/{ids['cancelled_run']}/cancel")),
+    Case("delete a dataset in use", 409, lambda c, ids: c.delete(f"/v1/datasets/{ids['dataset']}")),
+    Case("page size 0", 422, lambda c, ids: c.get("/v1/runs?limit=0")),
+    Case("unknown run status filter", 422, lambda c, ids: c.get("/v1/runs?status=exploded")),
+]
+
+
+@pytest.fixture
+def existing(client) -> dict[str, str]:
+    """A dataset and a cancelled run for the cases that need real ids."""
+    dataset = client.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
+    run = client.post("/v1/runs", json={"dataset_id": dataset}).json()["id"]
+    assert client.post(f"/v1/runs/{run}/cancel").json()["status"] == "cancelled"
+    return {"dataset": dataset, "cancelled_run": run}
+
+
+def _state(settings) -> tuple[tuple[int, ...], list[str]]:
+    with session_scope(settings.database_url) as session:
+        counts = tuple(
+            session.scalar(select(func.count()).select_from(t)) for t in (DatasetRow, RunRow, MetricRow, ArtifactRow)
+        )
+    files = sorted(str(p.relative_to(settings.artifact_dir)) for p in settings.artifact_dir.rglob("*") if p.is_file())
+    return counts, files
+
+
+def test_there_are_at_least_twenty_bad_input_cases():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_bad_input_gets_a_problem_json_4xx_and_leaves_nothing_behind(client, settings, existing, case):
+    before = _state(settings)
+    response = case.send(client, existing)
+    assert response.status_code == case.status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == case.status and body["title"] and body["detail"]
+    assert case.detail in body["detail"]
+    assert _state(settings) == before
+    # the service keeps serving
+    assert client.get("/healthz").status_code == 200
+    assert client.get(f"/v1/datasets/{existing['dataset']}").status_code == 200
+
+
+def test_a_good_archive_is_accepted_and_deleting_it_removes_its_files(client, settings):
+    response = upload(client, make_zip({f"pets/{k}": v for k, v in good_files().items()}), name="pets", image_size="16")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["class_names"] == ["cat", "dog"] and body["train_counts"] == [3, 3] and body["test_counts"] == [3, 3]
+    assert body["kind"] == "archive" and body["image_size"] == 16
+    folder = settings.artifact_dir / "datasets" / body["id"]
+    assert len(list(folder.rglob("*.png"))) == 12
+    assert client.delete(f"/v1/datasets/{body['id']}").status_code == 204
+    assert not folder.exists() and client.get(f"/v1/datasets/{body['id']}").status_code == 404
+
+
+def test_a_tar_gz_archive_is_accepted(client):
+    response = upload(client, make_tar(good_files()), "data.tar.gz")
+    assert response.status_code == 201, response.text
+    assert response.json()["train_counts"] == [3, 3]

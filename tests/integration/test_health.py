@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+
+pytestmark = pytest.mark.integration
+
+
+def test_readyz_is_200_when_database_and_broker_answer(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+@pytest.mark.parametrize("broken", ["database_url", "broker_url"])
+def test_readyz_is_503_problem_json_when_a_dependency_is_down(settings, broken):
+    dead = {"database_url": "postgresql+psycopg://postgres@127.0.0.1:1/none", "broker_url": "redis://127.0.0.1:1/0"}
+    app = create_app(settings.model_copy(update={broken: dead[broken]}))
+    with TestClient(app) as test_client:
+        response = test_client.get("/readyz")
+        assert response.status_code == 503
+        assert response.headers["content-type"].startswith("application/problem+json")
+        checks = response.json()["checks"]
+        assert checks[broken.split("_")[0]].startswith("error")
+        assert test_client.get("/healthz").status_code == 200
+
+
+def test_openapi_documents_the_api_and_its_key(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/datasets", "/v1/runs", "/v1/runs/{run_id}/metrics", "/v1/runs/{run_id}/cancel", "/readyz"} <= set(
+        spec["paths"])
+    assert "X-API-Key" in str(spec["components"]["securitySchemes"])
+    assert set(spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]) == {"application/json",
+                                                                                     "multipart/form-data"}
