@@ -194,4 +194,47 @@ def _drive(client: httpx.Client, config: LocalTrainConfig, processes: dict[str, 
           f"few-shot {100 * stage2_last['few']:.2f}%\n")
     print("last epoch of stage 2 on the held-out test split, from the stored metrics:")
     print(report_table(dataset, stage2_last))
+    _predict_and_report(client, run["id"], config)
     return 0
+
+
+def _held_out_pngs(config: LocalTrainConfig, per_class: int = 1) -> list[tuple[int, bytes]]:
+    """A few test images of the embedded digits (never trained on), as PNG files."""
+    import io
+
+    from PIL import Image
+
+    from models.data import load_dataset
+
+    test = load_dataset(config.dataset).test
+    picked = []
+    for cls in range(10):
+        for i in (test.labels == cls).nonzero().flatten()[:per_class].tolist():
+            buffer = io.BytesIO()
+            Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+            picked.append((cls, buffer.getvalue()))
+    return picked
+
+
+def _predict_and_report(client: httpx.Client, model_id: str, config: LocalTrainConfig) -> None:
+    model = _check(client.get(f"/v1/models/{model_id}"))
+    print(f"\nGET /v1/models/{model_id}: ONNX {model['size_bytes']} bytes, sha256 {model['onnx_sha256'][:16]}..., "
+          f"parity with torch: max |dp| {model['parity']['max_abs_diff']:.2e} on {model['parity']['images']} images")
+    images = _held_out_pngs(config)
+    files = [("images", (f"digit-{i}.png", png, "image/png")) for i, (_, png) in enumerate(images)]
+    answer = _check(client.post(f"/v1/models/{model_id}/predict", files=files, data={"top_k": "3"}))
+    print(f"POST /v1/models/{model_id}/predict with {len(images)} held-out test images:")
+    print(f"{'true':>4} {'predicted':>9} {'p':>6} {'group':>7} {'group acc %':>11} {'group ECE %':>11}   top-3")
+    for (label, _), prediction in zip(images, answer["predictions"], strict=True):
+        best = prediction["predicted"]
+        top = ", ".join(f"{c['label']}:{c['probability']:.2f}" for c in prediction["top_k"])
+        print(f"{label:>4} {best['label']:>9} {best['probability']:>6.3f} {best['group']:>7} "
+              f"{100 * best['group_calibration']['accuracy']:>11.2f} {100 * best['group_calibration']['ece']:>11.2f}"
+              f"   {top}")
+    calibration = _check(client.get(f"/v1/models/{model_id}/calibration"))
+    print("\ncalibration of the served ONNX model on the test split (GET .../calibration):")
+    print(f"{'group':<8} {'n':>5} {'acc %':>7} {'ECE %':>7}  reliability (confidence bin: accuracy, count)")
+    for name, group in calibration["groups"].items():
+        bins = " ".join(f"{b['upper']:.2f}:{100 * b['accuracy']:.0f}%/{b['count']}"
+                        for b in group["bins"] if b["count"])
+        print(f"{name:<8} {group['n']:>5} {100 * group['accuracy']:>7.2f} {100 * group['ece']:>7.2f}  {bins}")

@@ -13,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.datasets.endpoints import router as datasets_router
 from service.errors import install_error_handlers, problem
 from service.health import router as health_router
+from service.models_api.endpoints import router as models_router
+from service.models_api.runtime import ModelCache
 from service.queue import make_celery
 from service.runs.endpoints import router as runs_router
 from service.settings import Settings, get_settings
@@ -87,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sweeper = asyncio.create_task(_sweep_forever(app))
         yield
         sweeper.cancel()
+        await app.state.models.close()
 
     app = FastAPI(
         title="H2T service", version="0.1.0", lifespan=lifespan,
@@ -96,9 +99,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.celery = make_celery(settings)
+    app.state.models = ModelCache(settings.model_cache_size, settings.predict_batching, settings.predict_max_batch,
+                                  settings.predict_max_wait_ms / 1000)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(datasets_router)
     app.include_router(runs_router)
+    app.include_router(models_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     return app

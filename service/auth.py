@@ -13,7 +13,7 @@ from service.errors import Unauthorized
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of the keys in H2T_API_KEYS")
 
 
-def require_api_key(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> str:
+async def require_api_key(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> str:
     if not key:
         raise Unauthorized("missing X-API-Key header")
     if not any(hmac.compare_digest(key, k) for k in request.app.state.settings.api_keys):

@@ -121,3 +121,21 @@ class ArtifactRow(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelRow(Base):
+    """The exported classifier of a succeeded run; its id is the run's id."""
+
+    __tablename__ = "models"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    onnx_path: Mapped[str] = mapped_column(String(500))  # relative to the artifact dir
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    parity_max_abs_diff: Mapped[float] = mapped_column(Float)
+    parity_images: Mapped[int] = mapped_column(Integer)
+    input_spec: Mapped[dict] = mapped_column(JSON)
+    class_names: Mapped[list] = mapped_column(JSON)
+    groups: Mapped[list] = mapped_column(JSON)
+    calibration: Mapped[dict] = mapped_column(JSON)  # overall/many/medium/few: n, accuracy, ece, bins
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

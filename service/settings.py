@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(4 * 2**30, gt=0, description="largest total uncompressed archive size")
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest width x height of one image")
 
+    predict_max_images: int = Field(64, gt=0, description="images in one predict request")
+    predict_max_image_bytes: int = Field(10 * 2**20, gt=0, description="encoded size of one predicted image")
+    predict_batching: bool = Field(True, description="combine concurrent predict requests into one inference")
+    predict_max_batch: int = Field(64, gt=0, description="images per combined inference")
+    predict_max_wait_ms: float = Field(
+        0.0, ge=0, description="extra wait for requests to join a batch; 0 takes what queued while the last one ran")
+    model_cache_size: int = Field(4, gt=0, description="onnxruntime sessions kept loaded")
+
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a training worker proves it is alive")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="a running run silent this long is requeued")
     max_attempts: int = Field(3, ge=1, description="claims of one run before a lost worker marks it failed")

@@ -4,7 +4,7 @@ finds the run claimed (and skips) or stale (and resumes from the last checkpoint
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import threading
 import traceback
@@ -13,12 +13,17 @@ from datetime import timedelta
 from pathlib import Path
 
 from models.config import BuiltinDataset, DatasetConfig, FolderDataset, RunConfig
+from models.inference import sha256_file
 from service.db import session_scope
-from service.orm import ArtifactRow, DatasetRow, RunRow, RunStatus, utcnow
+from service.orm import ArtifactRow, DatasetRow, ModelRow, RunRow, RunStatus, utcnow
 from service.runs import service as runs
 from service.settings import Settings
 
 log = logging.getLogger("h2t.worker")
+
+
+class ExportFailed(Exception):
+    """Training finished but the ONNX export or its check failed: the run fails, clearly."""
 
 
 class ClaimLost(Exception):
@@ -27,14 +32,6 @@ class ClaimLost(Exception):
 
 def run_dir(settings: Settings, run_id: str) -> Path:
     return settings.artifact_dir / "runs" / run_id
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Heartbeat(threading.Thread):
@@ -66,7 +63,7 @@ def _record_artifacts(settings: Settings, run_id: str, out_dir: Path) -> None:
             rel = str(path.relative_to(settings.artifact_dir))
             row = session.query(ArtifactRow).filter_by(run_id=run_id, kind=f"{kind}_checkpoint").first()
             row = row or ArtifactRow(run_id=run_id, kind=f"{kind}_checkpoint")
-            row.path, row.size_bytes, row.sha256 = rel, path.stat().st_size, _sha256(path)
+            row.path, row.size_bytes, row.sha256 = rel, path.stat().st_size, sha256_file(path)
             session.add(row)
 
 
@@ -104,6 +101,7 @@ def train_run(run_id: str, settings: Settings, worker_name: str) -> str:
 def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec: DatasetConfig,
            stage1_from: str | None, beat: Heartbeat) -> str:
     from models.data import load_dataset
+    from models.export import export_and_calibrate
     from models.train import TrainingCancelled, resolve_device, train_two_stage
 
     def on_epoch(m) -> None:
@@ -119,10 +117,15 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
             raise TrainingCancelled
 
     out_dir = run_dir(settings, run_id)
+    served = None
     try:
         dataset = load_dataset(spec, settings.data_root)
-        train_two_stage(dataset, config, out_dir, resolve_device(), on_epoch,
-                        run_dir(settings, stage1_from) if stage1_from else None)
+        result = train_two_stage(dataset, config, out_dir, resolve_device(), on_epoch,
+                                 run_dir(settings, stage1_from) if stage1_from else None)
+        try:
+            served = export_and_calibrate(result.model, dataset, result.groups, out_dir / "model.onnx")
+        except Exception as exc:
+            raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
         _record_artifacts(settings, run_id, out_dir)
         status, error = RunStatus.succeeded, None
     except ClaimLost:
@@ -131,8 +134,28 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
         status, error = RunStatus.cancelled, None
     except Exception as exc:  # the run failed, the worker carries on with the next one
         log.error("run %s failed:\n%s", run_id, traceback.format_exc(), extra={"run_id": run_id})
-        status, error = RunStatus.failed, f"{type(exc).__name__}: {exc}"
+        status, error = RunStatus.failed, str(exc) if isinstance(exc, ExportFailed) else f"{type(exc).__name__}: {exc}"
     with session_scope(settings.database_url) as session:
+        if served is not None and status == RunStatus.succeeded:
+            _register_model(session, settings, run_id, served)
         if not runs.finish(session, run_id, token, status, error):
+            session.rollback()
             return "lost"
     return status.value
+
+
+def _register_model(session, settings: Settings, run_id: str, served) -> None:
+    """The model row and its ONNX artifact, committed with the run's success."""
+    export = served.export
+    rel = str(export.path.relative_to(settings.artifact_dir))
+    row = session.get(ModelRow, run_id) or ModelRow(run_id=run_id)
+    row.onnx_path, row.sha256, row.size_bytes = rel, export.sha256, export.size_bytes
+    row.parity_max_abs_diff, row.parity_images = export.parity_max_abs_diff, export.parity_images
+    row.input_spec = json.loads(served.spec.to_metadata()["h2t.input"])
+    row.class_names, row.groups = list(served.spec.class_names), list(served.spec.groups)
+    row.calibration = served.calibration
+    session.add(row)
+    artifact = session.query(ArtifactRow).filter_by(run_id=run_id, kind="onnx").first() or ArtifactRow(
+        run_id=run_id, kind="onnx")
+    artifact.path, artifact.size_bytes, artifact.sha256 = rel, export.size_bytes, export.sha256
+    session.add(artifact)

@@ -43,6 +43,7 @@ class RunPublic(BaseModel):
     epoch: int = Field(description="epochs finished in the current stage")
     total_epochs: int | None = Field(description="epochs of the current stage")
     latest_metrics: MetricPublic | None
+    model_id: str | None = Field(description="the exported model, once the run succeeded: GET /v1/models/{id}")
     error: str | None
     attempts: int
     worker: str | None

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from models.config import RunConfig
 from service.datasets.service import get as get_dataset
 from service.errors import InvalidInput, ResourceConflict, ResourceNotFound
-from service.orm import TERMINAL, MetricRow, RunRow, RunStatus, utcnow
+from service.orm import TERMINAL, MetricRow, ModelRow, RunRow, RunStatus, utcnow
 from service.runs.schemas import MetricPublic, RunCreate, RunPublic
 
 METRIC_FIELDS = ("loss", "lr", "top1", "many", "medium", "few", "ece", "ece_many", "ece_medium", "ece_few",
@@ -32,7 +32,8 @@ def to_public(session: Session, row: RunRow) -> RunPublic:
     return RunPublic(
         id=row.id, dataset_id=row.dataset_id, stage1_from=row.stage1_from, config=RunConfig.model_validate(row.config),
         status=row.status, stage=row.stage, epoch=row.epoch, total_epochs=row.total_epochs,
-        latest_metrics=metric_public(latest) if latest else None, error=row.error, attempts=row.attempts,
+        latest_metrics=metric_public(latest) if latest else None,
+        model_id=row.id if session.get(ModelRow, row.id) is not None else None, error=row.error, attempts=row.attempts,
         worker=row.worker, created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
         heartbeat_at=row.heartbeat_at,
     )

@@ -1,0 +1,229 @@
+"""Serving speed of an exported ResNet-32 (CIFAR-100 shape: 32x32 in, 100 classes out), in one run:
+
+1. onnxruntime vs torch eager (both fp32, CPU threads as configured) at batch 1 and 32;
+2. HTTP `POST /v1/models/{id}/predict` (one PNG per request) through a real `h2t serve` process:
+   throughput and p50/p95/p99 latency at several client concurrencies, with request batching on
+   and off. The load generator runs on this machine against 127.0.0.1 only, a bounded number of
+   requests per point.
+
+  python benchmarks/serving.py                       # full run (a few minutes)
+  python benchmarks/serving.py --requests 200 --rounds 1   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.backbones import build_classifier  # noqa: E402
+from models.export import export_onnx  # noqa: E402
+from models.inference import ModelSpec, load_session, run_probabilities  # noqa: E402
+
+NUM_CLASSES, SIZE = 100, 32
+
+
+def make_model(workdir: Path):
+    torch.manual_seed(0)
+    model = build_classifier("resnet32", NUM_CLASSES).eval()
+    groups = tuple(["many"] * 35 + ["medium"] * 35 + ["few"] * 30)
+    spec = ModelSpec(SIZE, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                     tuple(f"class_{i}" for i in range(NUM_CLASSES)), groups)
+    images = np.random.default_rng(0).integers(0, 256, (64, 3, SIZE, SIZE), dtype=np.uint8)
+    result = export_onnx(model, spec, workdir / "model.onnx", images)
+    return model, spec, result
+
+
+def time_it(fn, min_seconds: float = 2.0) -> float:
+    """Calls per second of fn (after a warm-up), over at least min_seconds."""
+    for _ in range(3):
+        fn()
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < min_seconds:
+        fn()
+        calls += 1
+    return calls / elapsed
+
+
+def engine_table(model, path: Path) -> list[str]:
+    session = load_session(path)
+    rows = ["| batch | torch eager img/s | onnxruntime img/s | onnxruntime / torch |", "|---|---|---|---|"]
+    for batch in (1, 32):
+        x = np.random.default_rng(1).random((batch, 3, SIZE, SIZE), dtype=np.float32)
+        xt = torch.from_numpy(x)
+
+        def torch_step(xt: torch.Tensor = xt) -> None:
+            with torch.inference_mode():
+                torch.softmax(model(xt), dim=1)
+
+        torch_rate = batch * time_it(torch_step)
+        ort_rate = batch * time_it(lambda: run_probabilities(session, x))  # noqa: B023
+        rows.append(f"| {batch} | {torch_rate:,.0f} | {ort_rate:,.0f} | {ort_rate / torch_rate:.2f} |")
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def register(home: Path, result, spec: ModelSpec) -> str:
+    """A store holding one succeeded run and its model, as a worker would leave it."""
+    os.environ["H2T_DATABASE_URL"] = f"sqlite:///{home / 'h2t.db'}"
+    from models.inference import ModelSpec as _  # noqa: F401
+    from service.db import session_scope
+    from service.migrate import upgrade_head
+    from service.orm import DatasetRow, ModelRow, RunRow, RunStatus
+
+    url = os.environ["H2T_DATABASE_URL"]
+    upgrade_head(url)
+    artifacts = home / "artifacts"
+    (artifacts / "runs").mkdir(parents=True)
+    target = artifacts / "runs" / "model.onnx"
+    target.write_bytes(result.path.read_bytes())
+    calibration = {"top1": 0.0, "groups": {g: {"n": 0, "accuracy": 0.0, "ece": 0.0, "bins": []}
+                                           for g in ("overall", "many", "medium", "few")}}
+    with session_scope(url) as session:
+        dataset = DatasetRow(name="bench", kind="builtin", spec={"builtin": "cifar100"},
+                             class_names=list(spec.class_names), train_counts=[1] * NUM_CLASSES,
+                             test_counts=[1] * NUM_CLASSES, image_size=SIZE)
+        session.add(dataset)
+        session.flush()
+        run = RunRow(dataset_id=dataset.id, config={}, status=RunStatus.succeeded)
+        session.add(run)
+        session.flush()
+        session.add(ModelRow(run_id=run.id, onnx_path="runs/model.onnx", sha256=result.sha256,
+                             size_bytes=result.size_bytes, parity_max_abs_diff=result.parity_max_abs_diff,
+                             parity_images=result.parity_images, input_spec={"height": SIZE},
+                             class_names=list(spec.class_names), groups=list(spec.groups), calibration=calibration))
+        return run.id
+
+
+def multipart_request(host: str, path: str, key: str, png: bytes) -> bytes:
+    boundary = "h2tbenchboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def _user(port: int, request: bytes, count: list[int], latencies: list[float]) -> None:
+    """One keep-alive connection sending requests back to back (a lean client: the 2 cores are shared)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while count[0] > 0:
+            count[0] -= 1
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = head.split(b" ", 2)[1]
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - started)
+            if status != b"200":
+                raise RuntimeError(f"HTTP {status.decode()}")
+    finally:
+        writer.close()
+
+
+async def load(port: int, request: bytes, concurrency: int, requests: int) -> tuple[float, list[float]]:
+    await asyncio.gather(*(_user(port, request, [2], []) for _ in range(concurrency)))  # warm-up, connections
+    latencies: list[float] = []
+    count = [requests]
+    started = time.perf_counter()
+    await asyncio.gather(*(_user(port, request, count, latencies) for _ in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - started), latencies
+
+
+def http_table(home: Path, model_id: str, concurrencies: list[int], requests: int, rounds: int) -> list[str]:
+    import httpx
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    key = secrets.token_urlsafe(8)
+    servers: dict[bool, tuple[subprocess.Popen, int]] = {}
+    rates: dict[tuple[bool, int], list[float]] = {}
+    latencies: dict[tuple[bool, int], list[float]] = {}
+    try:
+        for batching in (False, True):
+            port = free_port()
+            env = {**os.environ, "H2T_ARTIFACT_DIR": str(home / "artifacts"), "H2T_API_KEYS": key,
+                   "H2T_PREDICT_BATCHING": str(batching).lower(), "H2T_BROKER_URL": f"sqla+sqlite:///{home / 'b.db'}"}
+            servers[batching] = (subprocess.Popen(
+                [sys.executable, "-m", "h2t", "serve", "--port", str(port), "--log-level", "WARNING"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+        for _, port in servers.values():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+        # rounds interleave the two servers and all concurrencies, so drift hits both alike
+        for _ in range(rounds):
+            for concurrency in concurrencies:
+                for batching, (_, port) in servers.items():
+                    request = multipart_request(f"127.0.0.1:{port}", f"/v1/models/{model_id}/predict", key, png)
+                    rate, lat = asyncio.run(load(port, request, concurrency, requests))
+                    rates.setdefault((batching, concurrency), []).append(rate)
+                    latencies.setdefault((batching, concurrency), []).extend(lat)
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=20)
+
+    def pct(values: list[float], q: int) -> float:
+        return 1000 * statistics.quantiles(values, n=100)[q - 1]
+
+    rows = ["| concurrency | batching | requests/s (median of rounds) | p50 ms | p95 ms | p99 ms | on / off |",
+            "|---|---|---|---|---|---|---|"]
+    for concurrency in concurrencies:
+        off = statistics.median(rates[(False, concurrency)])
+        for batching in (False, True):
+            rate, lat = statistics.median(rates[(batching, concurrency)]), latencies[(batching, concurrency)]
+            ratio = f"{rate / off:.2f}" if batching else ""
+            rows.append(f"| {concurrency} | {'on' if batching else 'off'} | {rate:,.0f} | {pct(lat, 50):.1f} | "
+                        f"{pct(lat, 95):.1f} | {pct(lat, 99):.1f} | {ratio} |")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=800, help="requests per concurrency point and round")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="h2t-serving-bench-") as tmp:
+        home = Path(tmp)
+        model, spec, result = make_model(home)
+        print(f"ResNet-32, {NUM_CLASSES} classes, {SIZE}x{SIZE}; CPU threads: torch {torch.get_num_threads()}, "
+              f"onnxruntime default; {os.cpu_count()} cores\n")
+        print("\n".join(engine_table(model, result.path)))
+        model_id = register(home, result, spec)
+        print(f"\nHTTP predict, one {SIZE}x{SIZE} PNG per request, {args.requests} requests per point and round, "
+              f"{args.rounds} rounds, one uvicorn process per setting, keep-alive clients on 127.0.0.1:\n")
+        print("\n".join(http_table(home, model_id, args.concurrency, args.requests, args.rounds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

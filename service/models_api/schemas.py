@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class GroupCalibration(BaseModel):
+    n: int = Field(description="test images whose true class is in the group")
+    accuracy: float = Field(description="mean per-class accuracy, fraction")
+    ece: float = Field(description="expected calibration error, 15 equal-width bins, fraction")
+
+
+class ReliabilityBin(BaseModel):
+    lower: float
+    upper: float
+    count: int
+    accuracy: float
+    confidence: float
+
+
+class GroupCalibrationBins(GroupCalibration):
+    bins: list[ReliabilityBin]
+
+
+class Parity(BaseModel):
+    max_abs_diff: float = Field(description="max |p_onnx - p_torch| of probabilities on real test images")
+    images: int
+
+
+class ModelPublic(BaseModel):
+    id: str = Field(description="the id of the run that trained it")
+    run_id: str
+    dataset_id: str
+    num_classes: int
+    class_names: list[str]
+    groups: list[str] = Field(description="many/medium/few of each class")
+    input: dict = Field(description="the preprocessing contract: size, range, layout, normalisation")
+    onnx_sha256: str
+    size_bytes: int
+    parity: Parity
+    calibration: dict[str, GroupCalibration] = Field(description="overall, many, medium, few on the test split")
+    created_at: datetime
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+    count: int
+
+
+class CalibrationPublic(BaseModel):
+    model_id: str
+    measured_on: str = "the held-out test split, through the served ONNX model"
+    top1: float
+    groups: dict[str, GroupCalibrationBins]
+
+
+class PredictJSON(BaseModel):
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+    top_k: int = Field(5, ge=1, le=1000)
+
+
+class ClassProbability(BaseModel):
+    class_index: int
+    label: str
+    probability: float
+
+
+class PredictedClass(ClassProbability):
+    group: str
+    group_calibration: GroupCalibration
+
+
+class Prediction(BaseModel):
+    index: int
+    top_k: list[ClassProbability]
+    predicted: PredictedClass
+
+
+class PredictResponse(BaseModel):
+    model_id: str
+    predictions: list[Prediction]

@@ -1,0 +1,163 @@
+import asyncio
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from models.backbones import build_classifier
+from models.config import AugmentConfig, BuiltinDataset, RunConfig, Stage1Config, Stage2Config
+from models.data import digits_long_tailed
+from models.export import export_and_calibrate, export_onnx
+from models.inference import ModelSpec, decode_image, evaluate_onnx, load_session, run_probabilities, session_spec
+from models.metrics import class_groups, evaluate_predictions
+from models.train import train_two_stage
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_long_tailed(BuiltinDataset(builtin="digits", imbalance_factor=0.05))
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    config = RunConfig(
+        augment=AugmentConfig(horizontal_flip=False),
+        stage1=Stage1Config(epochs=3, batch_size=32, lr=0.02, warmup_epochs=1, milestones=()),
+        stage2=Stage2Config(epochs=1, batch_size=32),
+    )
+    return train_two_stage(digits, config, tmp_path_factory.mktemp("run"), torch.device("cpu"))
+
+
+def _spec(data, groups, size=None) -> ModelSpec:
+    return ModelSpec(size or data.image_size, data.mean, data.std, data.class_names, tuple(groups))
+
+
+def test_resnet32_onnx_matches_torch_within_1e4_on_real_test_images(digits, trained, tmp_path):
+    result = export_onnx(
+        trained.model, _spec(digits, trained.groups), tmp_path / "m.onnx", digits.test.images.numpy()[:128]
+    )
+    assert result.parity_images == 128 and result.parity_max_abs_diff < 1e-4
+    probs = run_probabilities(load_session(result.path), digits.test.images.numpy()[:5].astype(np.float32) / 255)
+    assert probs.max() > 0.5  # a trained model, not a near-uniform one
+
+
+def test_torchvision_resnet_onnx_matches_torch_within_1e4(digits, tmp_path):
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", digits.num_classes)
+    with torch.no_grad():  # confident logits, so the comparison is not of near-uniform outputs
+        model.head.fc.weight.mul_(20)
+        model.train()
+        model(torch.randn(64, 3, 32, 32))  # give BatchNorm non-trivial running statistics
+    images = torch.nn.functional.interpolate(digits.test.images[:64].float(), size=32).to(torch.uint8).numpy()
+    groups = class_groups(digits.train_counts())
+    result = export_onnx(model.eval(), _spec(digits, groups, size=32), tmp_path / "r18.onnx", images)
+    assert result.parity_max_abs_diff < 1e-4
+
+
+def test_export_records_the_preprocessing_contract_and_takes_any_batch_size(digits, trained, tmp_path):
+    spec = _spec(digits, trained.groups)
+    result = export_onnx(trained.model, spec, tmp_path / "m.onnx", digits.test.images.numpy()[:4])
+    session = load_session(result.path)
+    assert session_spec(session) == spec
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for n in (1, 7):
+        assert run_probabilities(session, np.random.rand(n, 3, 16, 16).astype(np.float32)).shape == (n, 10)
+    onnx.checker.check_model(onnx.load(str(result.path)))
+    import hashlib
+
+    assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
+
+
+def test_calibration_of_the_served_artifact_matches_the_torch_model(digits, trained, tmp_path):
+    served = export_and_calibrate(trained.model, digits, trained.groups, tmp_path / "m.onnx")
+    torch_report = evaluate_predictions(
+        torch.softmax(
+            trained.model.eval()(
+                (digits.test.images.float() / 255 - torch.tensor(digits.mean).view(1, 3, 1, 1))
+                / torch.tensor(digits.std).view(1, 3, 1, 1)
+            ),
+            1,
+        )
+        .detach()
+        .numpy(),
+        digits.test.labels.numpy(),
+        trained.groups,
+    )
+    assert served.calibration["top1"] == pytest.approx(torch_report.top1, abs=1 / 300)
+    again = evaluate_onnx(
+        load_session(served.export.path), digits.test.images.numpy(), digits.test.labels.numpy(), trained.groups
+    )
+    assert again.to_dict() == served.calibration
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decode_image_resizes_to_the_model_size_and_scales_to_unit_range():
+    image = decode_image(_png(np.full((40, 30, 3), 255, dtype=np.uint8)), 16, 10_000)
+    assert image.shape == (3, 16, 16) and image.dtype == np.float32 and np.allclose(image, 1.0)
+    gray = decode_image(_png(np.zeros((16, 16), dtype=np.uint8)), 16, 10_000)
+    assert gray.shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"not an image", "not a readable image"),
+        (_png(np.zeros((16, 16, 3), dtype=np.uint8))[:40], "not a readable image"),
+        (_png(np.zeros((200, 200, 3), dtype=np.uint8)), "pixel limit"),
+    ],
+)
+def test_decode_image_rejects_garbage_truncated_and_oversized_images(data, message):
+    with pytest.raises(ValueError, match=message):
+        decode_image(data, 16, 100 * 100)
+
+
+def test_batcher_combines_concurrent_requests_and_answers_each_exactly(digits, trained, tmp_path):
+    from service.models_api.runtime import Batcher
+
+    result = export_onnx(
+        trained.model, _spec(digits, trained.groups), tmp_path / "m.onnx", digits.test.images.numpy()[:4]
+    )
+    session = load_session(result.path)
+    requests = [
+        digits.test.images.numpy()[i : i + k].astype(np.float32) / 255
+        for i, k in ((0, 1), (5, 3), (20, 2), (40, 1), (60, 4))
+    ]
+    sizes = []
+
+    async def scenario():
+        batcher = Batcher(
+            lambda x: run_probabilities(session, x), max_images=64, max_wait_s=0.05, on_batch=sizes.append
+        )
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        await batcher.close()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert max(sizes) > 1 and sum(sizes) == sum(len(r) for r in requests)
+    for request, answer in zip(requests, answers, strict=True):
+        assert np.array_equal(answer, run_probabilities(session, request))
+
+
+def test_batcher_passes_an_inference_error_to_every_waiting_request():
+    from service.models_api.runtime import Batcher
+
+    def broken(x):
+        raise RuntimeError("inference failed")
+
+    async def scenario():
+        batcher = Batcher(broken, max_images=8, max_wait_s=0.01)
+        results = await asyncio.gather(
+            *(batcher.submit(np.zeros((1, 3, 2, 2), np.float32)) for _ in range(3)), return_exceptions=True
+        )
+        await batcher.close()
+        return results
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(scenario()))
