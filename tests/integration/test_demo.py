@@ -17,6 +17,9 @@ def test_demo_runs_the_whole_system_on_embedded_defaults_and_prints_the_group_ta
     out = result.stdout
     assert "POST /v1/datasets" in out and "run is succeeded" in out
     assert "stage 1 epoch   3/3" in out and "stage 2 epoch   2/2" in out
-    table = out.split("from the stored metrics:")[1].strip().splitlines()
+    table = out.split("from the stored metrics:")[1].strip().splitlines()[:5]
     assert [line.split()[0] for line in table] == ["group", "overall", "many", "medium", "few"]
+    assert "/predict with 10 held-out test images" in out
+    calibration = out.split("(GET .../calibration):")[1].strip().splitlines()
+    assert [line.split()[0] for line in calibration[:5]] == ["group", "overall", "many", "medium", "few"]
     assert not list(tmp_path.glob("h2t-data"))  # the embedded demo leaves nothing in the working directory

@@ -61,7 +61,8 @@ def test_a_run_goes_queued_running_succeeded_with_one_metric_row_per_epoch(clien
     assert final["attempts"] == 1 and final["finished_at"] and final["started_at"]
     with session_scope(settings.database_url) as session:
         kinds = set(session.scalars(select(ArtifactRow.kind).where(ArtifactRow.run_id == run["id"])))
-    assert kinds == {"stage1_checkpoint", "stage2_checkpoint"}
+    assert kinds == {"stage1_checkpoint", "stage2_checkpoint", "onnx"}
+    assert final["model_id"] == run["id"]
 
     # stage1_from: a second stage 2 on the finished backbone trains stage 2 only
     second = _submit(client, final["dataset_id"], stage1_from=run["id"],
