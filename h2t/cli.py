@@ -100,13 +100,18 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def migrate_command(args: argparse.Namespace) -> int:
-    from service.migrate import upgrade_head
+    from service.migrate import downgrade_to, upgrade_head
     from service.settings import Settings
 
     settings = Settings()
     settings.ensure_local_dirs()
-    upgrade_head(settings.database_url)
-    print(f"database at {settings.database_url.split('@')[-1]} is at the latest schema")
+    where = settings.database_url.split("@")[-1]
+    if args.downgrade:
+        downgrade_to(settings.database_url, args.downgrade)
+        print(f"database at {where} is at revision {args.downgrade}")
+    else:
+        upgrade_head(settings.database_url)
+        print(f"database at {where} is at the latest schema")
     return 0
 
 
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=worker_command)
 
     migrate = commands.add_parser("migrate", help="upgrade the database to the latest schema (Alembic)")
+    migrate.add_argument("--downgrade", metavar="REVISION", help="instead, downgrade to this revision (rollbacks)")
     migrate.set_defaults(func=migrate_command)
 
     demo = commands.add_parser("demo", help="the whole system (API + worker) on the embedded long-tailed digits")

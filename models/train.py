@@ -34,6 +34,11 @@ class TrainingCancelled(Exception):
     """Raised by an epoch callback to stop training; the last checkpoint stays valid for a resume."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped right after a checkpoint because `stop_requested` said so (e.g. SIGTERM);
+    running the same call again resumes from that checkpoint."""
+
+
 @dataclass(frozen=True)
 class EpochMetrics:
     stage: int
@@ -268,6 +273,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 def run_stage(
     model: ImageClassifier, dataset: Dataset, data: DeviceData, config: RunConfig, stage: Stage,
     checkpoint_path: Path, on_epoch: EpochCallback | None = None, dtype: torch.dtype | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> list[EpochMetrics]:
     """Train one stage to its last epoch, resuming from `checkpoint_path` when it exists.
 
@@ -323,6 +329,8 @@ def run_stage(
             "meta": {"backbone": config.backbone, "num_classes": dataset.num_classes, "dataset": dataset.name,
                      "stage": stage, "epochs": stage_config.epochs},
         }, checkpoint_path)
+        if stop_requested is not None and stop_requested():
+            raise TrainingInterrupted(f"stopped after epoch {epoch + 1} of stage {stage}, checkpoint saved")
     return history
 
 
@@ -353,6 +361,7 @@ def finished_stage1(stage1_dir: Path, backbone: str, num_classes: int) -> Path:
 def train_two_stage(
     dataset: Dataset, config: RunConfig, out_dir: Path, device: torch.device | None = None,
     on_epoch: EpochCallback | None = None, stage1_from: Path | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TwoStageResult:
     """Stage 1 (or a finished one reused from `stage1_from`), then stage 2; resumable in `out_dir`."""
     device = device or resolve_device()
@@ -375,14 +384,15 @@ def train_two_stage(
         model.load_state_dict(state["model"])
         stage1 = [EpochMetrics(**m) for m in state["history"]]
     else:
-        stage1 = run_stage(model, dataset, data, config, 1, out_dir / "stage1" / CHECKPOINT_NAME, on_epoch, dtype)
+        stage1 = run_stage(model, dataset, data, config, 1, out_dir / "stage1" / CHECKPOINT_NAME, on_epoch, dtype,
+                           stop_requested)
 
     stage2_path = out_dir / "stage2" / CHECKPOINT_NAME
     if not stage2_path.exists():
         # stage 2 starts from the stage-1 weights (backbone and classifier) of the final stage-1 epoch
         source = stage1_from if stage1_from is not None else out_dir
         model.load_state_dict(load_checkpoint(source / "stage1" / CHECKPOINT_NAME, device)["model"])
-    stage2 = run_stage(model, dataset, data, config, 2, stage2_path, on_epoch, dtype)
+    stage2 = run_stage(model, dataset, data, config, 2, stage2_path, on_epoch, dtype, stop_requested)
 
     groups = class_groups(dataset.train_counts(), config.groups.many_threshold, config.groups.few_threshold,
                           config.groups.slices)

@@ -8,6 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.datasets.endpoints import router as datasets_router
@@ -15,6 +17,7 @@ from service.errors import install_error_handlers, problem
 from service.health import router as health_router
 from service.models_api.endpoints import router as models_router
 from service.models_api.runtime import ModelCache
+from service.observability import Metrics, RequestTimer
 from service.queue import make_celery
 from service.runs.endpoints import router as runs_router
 from service.settings import Settings, get_settings
@@ -99,12 +102,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.celery = make_celery(settings)
+    app.state.metrics = metrics = Metrics(settings, app.state.celery)
     app.state.models = ModelCache(settings.model_cache_size, settings.predict_batching, settings.predict_max_batch,
-                                  settings.predict_max_wait_ms / 1000)
+                                  settings.predict_max_wait_ms / 1000, on_batch=metrics.predict_batch_size.observe)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(datasets_router)
     app.include_router(runs_router)
     app.include_router(models_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestTimer, metrics=metrics)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    def prometheus_metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     return app

@@ -21,8 +21,12 @@ def upgrade_head(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
+def downgrade_to(database_url: str, revision: str) -> None:
+    command.downgrade(alembic_config(database_url), revision)
+
+
 def downgrade_base(database_url: str) -> None:
-    command.downgrade(alembic_config(database_url), "base")
+    downgrade_to(database_url, "base")
 
 
 def check_no_drift(database_url: str) -> None:

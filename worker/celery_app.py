@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 
 from celery import Celery
 from celery.signals import worker_ready
 
-from service.queue import TRAIN_TASK, make_celery
+from service.queue import TRAIN_TASK, enqueue_training, make_celery
 from service.settings import Settings
 from service.sweeper import sweep_once
 
@@ -28,9 +29,24 @@ def build_worker_app(settings: Settings) -> Celery:
 
     @app.task(name=TRAIN_TASK)
     def train_run_task(run_id: str) -> str:
-        return train_run(run_id, settings, worker_name())
+        return train_run(run_id, settings, worker_name(), lambda rid: enqueue_training(app, settings, rid))
 
     return app
+
+
+def _stop_after_checkpoint_on_sigterm() -> None:
+    """Celery's warm shutdown waits for the running task, which may train for hours: also ask the
+    training to stop after its next checkpoint; the run is then requeued for another worker."""
+    from worker.runner import STOP_REQUESTED
+
+    celery_handler = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: object) -> None:
+        STOP_REQUESTED.set()
+        if callable(celery_handler):
+            celery_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _sweep_periodically(settings: Settings, app: Celery) -> None:
@@ -49,6 +65,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
 
     @worker_ready.connect(weak=False)
     def _on_ready(**_: object) -> None:
+        _stop_after_checkpoint_on_sigterm()
         try:
             sweep_once(settings, app)
         except Exception:

@@ -9,6 +9,7 @@ import logging
 import threading
 import traceback
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -67,8 +68,15 @@ def _record_artifacts(settings: Settings, run_id: str, out_dir: Path) -> None:
             session.add(row)
 
 
-def train_run(run_id: str, settings: Settings, worker_name: str) -> str:
-    """The task body. Returns what happened: skipped, succeeded, cancelled, failed or lost."""
+STOP_REQUESTED = threading.Event()  # set by the worker's SIGTERM handler: stop after the next checkpoint
+
+
+def train_run(run_id: str, settings: Settings, worker_name: str,
+              requeue: Callable[[str], None] = lambda run_id: None) -> str:
+    """The task body. Returns what happened: skipped, succeeded, cancelled, failed, requeued or lost.
+
+    `requeue` sends the run to the broker again; it is called when this worker stops (SIGTERM)
+    after checkpointing, once the run is back to queued in the store."""
     token = str(uuid.uuid4())
     with session_scope(settings.database_url) as session:
         now = utcnow()
@@ -91,7 +99,7 @@ def train_run(run_id: str, settings: Settings, worker_name: str) -> str:
     beat = Heartbeat(settings, run_id, token)
     beat.start()
     try:
-        outcome = _train(run_id, settings, token, config, spec, stage1_from, beat)
+        outcome = _train(run_id, settings, token, config, spec, stage1_from, beat, requeue)
     finally:
         beat.stopped.set()
     log.info("run %s %s", run_id, outcome, extra={"run_id": run_id})
@@ -99,10 +107,10 @@ def train_run(run_id: str, settings: Settings, worker_name: str) -> str:
 
 
 def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec: DatasetConfig,
-           stage1_from: str | None, beat: Heartbeat) -> str:
+           stage1_from: str | None, beat: Heartbeat, requeue: Callable[[str], None]) -> str:
     from models.data import load_dataset
     from models.export import export_and_calibrate
-    from models.train import TrainingCancelled, resolve_device, train_two_stage
+    from models.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
 
     def on_epoch(m) -> None:
         if beat.lost.is_set():
@@ -121,7 +129,7 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
     try:
         dataset = load_dataset(spec, settings.data_root)
         result = train_two_stage(dataset, config, out_dir, resolve_device(), on_epoch,
-                                 run_dir(settings, stage1_from) if stage1_from else None)
+                                 run_dir(settings, stage1_from) if stage1_from else None, STOP_REQUESTED.is_set)
         try:
             served = export_and_calibrate(result.model, dataset, result.groups, out_dir / "model.onnx")
         except Exception as exc:
@@ -130,6 +138,13 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
         status, error = RunStatus.succeeded, None
     except ClaimLost:
         return "lost"
+    except TrainingInterrupted as exc:
+        with session_scope(settings.database_url) as session:
+            send_again = runs.release(session, run_id, token)
+        if send_again:
+            requeue(run_id)  # after the commit, so the next worker finds it queued
+        log.warning("run %s requeued: %s", run_id, exc, extra={"run_id": run_id})
+        return "requeued"
     except TrainingCancelled:
         status, error = RunStatus.cancelled, None
     except Exception as exc:  # the run failed, the worker carries on with the next one

@@ -131,4 +131,8 @@ async def predict(model_id: str, request: Request, _: ApiKey) -> JSONResponse:
     blobs, top_k = await _read_images(request, settings)
     images = await asyncio.to_thread(_decode_all, blobs, loaded.spec.image_size, settings.max_image_pixels)
     probs = await loaded.probabilities(images)
+    metrics = request.app.state.metrics
+    metrics.predicted_images.inc(len(images))
+    if loaded.batcher is None:
+        metrics.predict_batch_size.observe(len(images))
     return JSONResponse({"model_id": model_id, "predictions": service.predictions(probs, loaded.record, top_k)})

@@ -154,6 +154,21 @@ def finish(session: Session, run_id: str, token: str, status: RunStatus, error: 
     return result.rowcount == 1
 
 
+def release(session: Session, run_id: str, token: str) -> bool:
+    """Give a claimed run back to the queue (its worker is shutting down after a checkpoint); a run
+    being cancelled becomes cancelled. True when it should be sent to the broker again."""
+    row = session.get(RunRow, run_id)
+    if row is None or row.claim_token != token:
+        return False
+    row.claim_token = None
+    if row.status == RunStatus.cancelling:
+        row.status, row.finished_at = RunStatus.cancelled, utcnow()
+        return False
+    row.status = RunStatus.queued
+    session.flush()
+    return True
+
+
 def sweep_stale(session: Session, now: datetime, timeout_s: float, max_attempts: int) -> list[str]:
     """Runs whose worker stopped sending heartbeats: requeue them (returns their ids, to be sent to the
     broker after commit), or fail them after max_attempts claims; a cancelling one becomes cancelled."""

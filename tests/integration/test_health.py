@@ -34,3 +34,14 @@ def test_openapi_documents_the_api_and_its_key(client):
     assert "X-API-Key" in str(spec["components"]["securitySchemes"])
     assert set(spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]) == {"application/json",
                                                                                      "multipart/form-data"}
+
+
+def test_metrics_count_queued_runs_and_the_broker_queue_depth(client, settings):
+    dataset = client.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
+    for _ in range(2):  # no worker is running: both wait in the broker
+        assert client.post("/v1/runs", json={"dataset_id": dataset}).status_code == 202
+    text = client.get("/metrics").text
+    assert f'h2t_queue_depth{{queue="{settings.queue_name}"}} 2.0' in text
+    queued = next(line for line in text.splitlines() if line.startswith('h2t_runs{status="queued"}'))
+    assert float(queued.split()[-1]) >= 2
+    assert "h2t_store_up 1.0" in text

@@ -1,0 +1,166 @@
+"""The exact commands and environment of the compose file's migrate, api and worker services, run
+on this machine outside Docker, pointed at the local PostgreSQL and Redis: a REST-submitted run
+completes through them, and /metrics shows the counters moving."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import SHARED_DATA
+from tests.integration.conftest import wait_for
+from tests.unit.test_deploy_files import resolved_compose
+
+pytestmark = pytest.mark.integration
+API_PORT = 8000  # as the api service's command says
+
+
+def _executable(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name
+    return str(beside_python) if beside_python.exists() else shutil.which(name) or name
+
+
+def _local_env(service: dict, database_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    """The service's own environment, with compose's hosts and volumes mapped to this machine."""
+    env = {k: str(v) for k, v in service["environment"].items()}
+    assert env["H2T_DATABASE_URL"].endswith("@postgres:5432/h2t") and env["H2T_BROKER_URL"] == "redis://redis:6379/0"
+    env["H2T_DATABASE_URL"] = database_url
+    env["H2T_BROKER_URL"] = redis_url
+    env["H2T_ARTIFACT_DIR"] = str(tmp_path / env["H2T_ARTIFACT_DIR"].lstrip("/"))  # the shared volume
+    env["H2T_DATA_ROOT"] = str(SHARED_DATA)
+    return {
+        **os.environ,
+        **env,
+        "H2T_QUEUE_NAME": f"h2t-it-{uuid.uuid4().hex[:8]}",
+        "OMP_NUM_THREADS": "1",
+        "H2T_SWEEP_INTERVAL_S": "2",
+        "H2T_HEARTBEAT_INTERVAL_S": "1",
+        "H2T_HEARTBEAT_TIMEOUT_S": "10",
+    }
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_compose_commands_run_outside_docker_complete_a_run_and_move_the_metrics(make_database, redis_url, tmp_path):
+    if not _port_free(API_PORT):
+        pytest.fail(f"port {API_PORT}, which the api service's command binds, is taken on this machine")
+    services = resolved_compose(["docker-compose.yml"])["services"]
+    database_url = make_database()  # empty: the migrate service creates the schema
+    queue_env = None
+    processes: list[subprocess.Popen] = []
+    try:
+        envs = {}
+        for name in ("migrate", "api", "worker"):
+            envs[name] = _local_env(services[name], database_url, redis_url, tmp_path)
+        queue_env = envs["migrate"]["H2T_QUEUE_NAME"]
+        for env in envs.values():
+            env["H2T_QUEUE_NAME"] = queue_env
+        (tmp_path / "data" / "artifacts").mkdir(parents=True)
+
+        command = services["migrate"]["command"]
+        subprocess.run(
+            [_executable(command[0]), *command[1:]], env=envs["migrate"], cwd=tmp_path, check=True, timeout=120
+        )
+        for name in ("api", "worker"):
+            command = services[name]["command"]
+            log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+            processes.append(
+                subprocess.Popen(
+                    [_executable(command[0]), *command[1:]],
+                    env=envs[name],
+                    cwd=tmp_path,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        key = envs["api"]["H2T_API_KEYS"].split(",")[0]
+        with httpx.Client(base_url=f"http://127.0.0.1:{API_PORT}", headers={"X-API-Key": key}, timeout=30) as api:
+            wait_for(lambda: _ready(api), 90, "the api service's /readyz")
+            before = api.get("/metrics").text
+
+            dataset = api.post("/v1/datasets", json={"builtin": "digits"}).json()
+            run = api.post(
+                "/v1/runs",
+                json={
+                    "dataset_id": dataset["id"],
+                    "augment": {"horizontal_flip": False},
+                    "stage1": {"epochs": 3, "batch_size": 32, "warmup_epochs": 1, "milestones": []},
+                    "stage2": {"epochs": 2, "batch_size": 32},
+                },
+            ).json()
+            final = wait_for(
+                lambda: (r := api.get(f"/v1/runs/{run['id']}").json())["status"] in ("succeeded", "failed") and r,
+                240,
+                "the run",
+            )
+            assert final["status"] == "succeeded", final["error"] + (tmp_path / "worker.log").read_text()[-2000:]
+            after_run = api.get("/metrics").text
+
+            buffer = io.BytesIO()
+            Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(buffer, "PNG")
+            answer = api.post(
+                f"/v1/models/{run['id']}/predict",
+                files=[("images", ("a.png", buffer.getvalue())), ("images", ("b.png", buffer.getvalue()))],
+            )
+            assert answer.status_code == 200, answer.text
+            after_predict = api.get("/metrics").text
+
+        assert _metric(after_run, "h2t_epochs_trained_total") - _metric(before, "h2t_epochs_trained_total") == 5
+        assert (
+            _metric(after_run, "h2t_runs", '{status="succeeded"}')
+            == _metric(before, "h2t_runs", '{status="succeeded"}') + 1
+        )
+        assert _metric(after_run, "h2t_models") == _metric(before, "h2t_models") + 1
+        assert _metric(after_run, "h2t_queue_depth", f'{{queue="{queue_env}"}}') == 0
+        route = 'h2t_http_request_duration_seconds_count{method="POST",route="/v1/runs",status="202"}'
+        assert route in after_run and route not in before
+        assert (
+            _metric(after_predict, "h2t_predicted_images_total") == _metric(after_run, "h2t_predicted_images_total") + 2
+        )
+        assert (
+            _metric(after_predict, "h2t_predict_batch_size_count")
+            >= _metric(after_run, "h2t_predict_batch_size_count") + 1
+        )
+        predict_route = 'route="/v1/models/{model_id}/predict",status="200"'
+        assert predict_route in after_predict
+        # structured logs with run ids
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert f'"run_id": "{run["id"]}"' in worker_log and '"level": "INFO"' in worker_log
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _ready(api: httpx.Client) -> bool:
+    try:
+        return api.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        time.sleep(0.3)
+        return False
