@@ -7,7 +7,7 @@ numbers as the trainer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -38,6 +38,33 @@ class EvaluationReport:
 
     def to_dict(self) -> dict:
         return {"top1": self.top1, "groups": {k: asdict(v) for k, v in self.groups.items()}}
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    stage: int
+    epoch: int  # 1-based
+    epochs: int
+    loss: float  # mean training loss over the epoch
+    lr: float
+    top1: float  # on the evaluation split, fractions in [0, 1]
+    many: float
+    medium: float
+    few: float
+    ece: float
+    ece_many: float
+    ece_medium: float
+    ece_few: float
+    train_seconds: float
+    images_per_second: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def measured_fields(cls) -> tuple[str, ...]:
+        """The per-epoch measurements, without the (stage, epoch, epochs) key."""
+        return tuple(f.name for f in fields(cls) if f.name not in ("stage", "epoch", "epochs"))
 
 
 def reliability_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> tuple[ReliabilityBin, ...]:

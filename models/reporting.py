@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.metrics import GROUP_NAMES, EvaluationReport
+from models.metrics import GROUP_NAMES, EpochMetrics, EvaluationReport
 
 
 def group_table(report: EvaluationReport, train_counts: list[int], groups: list[str]) -> str:
@@ -16,7 +16,7 @@ def group_table(report: EvaluationReport, train_counts: list[int], groups: list[
     return "\n".join(lines)
 
 
-def epoch_line(m) -> str:  # m: models.train.EpochMetrics (kept untyped: this module stays torch-free)
+def epoch_line(m: EpochMetrics) -> str:
     return (f"stage {m.stage} epoch {m.epoch:>3}/{m.epochs} loss {m.loss:.4f} lr {m.lr:.5f} "
             f"top1 {100 * m.top1:5.2f} many {100 * m.many:5.2f} med {100 * m.medium:5.2f} "
             f"few {100 * m.few:5.2f} ECE {100 * m.ece:5.2f} ({m.images_per_second:.0f} img/s)")

@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +24,7 @@ from models.backbones import ImageClassifier, build_classifier
 from models.config import AugmentConfig, RunConfig, Stage1Config, Stage2Config
 from models.data import Dataset
 from models.h2t import class_balanced_indices, fuse_channels, fusion_channels
-from models.metrics import EvaluationReport, class_groups, evaluate_predictions
+from models.metrics import EpochMetrics, EvaluationReport, class_groups, evaluate_predictions
 
 Stage = Literal[1, 2]
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -37,28 +37,6 @@ class TrainingCancelled(Exception):
 class TrainingInterrupted(Exception):
     """Training stopped right after a checkpoint because `stop_requested` said so (e.g. SIGTERM);
     running the same call again resumes from that checkpoint."""
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    stage: int
-    epoch: int  # 1-based
-    epochs: int
-    loss: float  # mean training loss over the epoch
-    lr: float
-    top1: float  # on the evaluation split, fractions in [0, 1]
-    many: float
-    medium: float
-    few: float
-    ece: float
-    ece_many: float
-    ece_medium: float
-    ece_few: float
-    train_seconds: float
-    images_per_second: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 EpochCallback = Callable[[EpochMetrics], None]

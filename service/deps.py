@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from service.db import get_sessionmaker
+from service.db import session_scope
 from service.settings import Settings
 
 
@@ -18,15 +18,8 @@ def get_app_settings(request: Request) -> Settings:
 
 def get_session(request: Request) -> Iterator[Session]:
     """Commits when the endpoint returns, rolls back when it raises."""
-    session = get_sessionmaker(request.app.state.settings.database_url)()
-    try:
+    with session_scope(request.app.state.settings.database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

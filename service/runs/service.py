@@ -13,13 +13,13 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.config import RunConfig
+from models.metrics import EpochMetrics
 from service.datasets.service import get as get_dataset
 from service.errors import InvalidInput, ResourceConflict, ResourceNotFound
 from service.orm import TERMINAL, MetricRow, ModelRow, RunRow, RunStatus, utcnow
 from service.runs.schemas import MetricPublic, RunCreate, RunPublic
 
-METRIC_FIELDS = ("loss", "lr", "top1", "many", "medium", "few", "ece", "ece_many", "ece_medium", "ece_few",
-                 "train_seconds", "images_per_second")
+METRIC_FIELDS = EpochMetrics.measured_fields()  # the trainer's report is the row
 
 
 def metric_public(row: MetricRow) -> MetricPublic:

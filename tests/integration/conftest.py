@@ -95,10 +95,19 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Sett
     """Per test: its own queue and artifact dir on the shared migrated database; fast heartbeats."""
     queue = f"h2t-it-{uuid.uuid4().hex[:8]}"
     yield Settings(
-        database_url=database_url, broker_url=redis_url, artifact_dir=tmp_path / "artifacts",
-        data_root=SHARED_DATA, api_keys=(API_KEY,), queue_name=queue,
-        heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0, sweep_interval_s=1.0, max_upload_bytes=2 * 2**20,
-        max_archive_members=50, max_archive_bytes=4 * 2**20, max_image_pixels=512 * 512,
+        database_url=database_url,
+        broker_url=redis_url,
+        artifact_dir=tmp_path / "artifacts",
+        data_root=SHARED_DATA,
+        api_keys=(API_KEY,),
+        queue_name=queue,
+        heartbeat_interval_s=0.5,
+        heartbeat_timeout_s=3.0,
+        sweep_interval_s=1.0,
+        max_upload_bytes=2 * 2**20,
+        max_archive_members=50,
+        max_archive_bytes=4 * 2**20,
+        max_image_pixels=512 * 512,
     )
     client = redis.Redis.from_url(redis_url)
     for key in client.scan_iter(match=f"*{queue}*"):
@@ -108,13 +117,17 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Sett
 def settings_env(settings: Settings) -> dict[str, str]:
     return {
         **os.environ,
-        "H2T_DATABASE_URL": settings.database_url, "H2T_BROKER_URL": settings.broker_url,
-        "H2T_ARTIFACT_DIR": str(settings.artifact_dir), "H2T_DATA_ROOT": str(settings.data_root),
-        "H2T_API_KEYS": ",".join(settings.api_keys), "H2T_QUEUE_NAME": settings.queue_name,
+        "H2T_DATABASE_URL": settings.database_url,
+        "H2T_BROKER_URL": settings.broker_url,
+        "H2T_ARTIFACT_DIR": str(settings.artifact_dir),
+        "H2T_DATA_ROOT": str(settings.data_root),
+        "H2T_API_KEYS": ",".join(settings.api_keys),
+        "H2T_QUEUE_NAME": settings.queue_name,
         "H2T_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
         "H2T_HEARTBEAT_TIMEOUT_S": str(settings.heartbeat_timeout_s),
         "H2T_SWEEP_INTERVAL_S": str(settings.sweep_interval_s),
-        "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
     }
 
 
@@ -143,8 +156,13 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Wo
     def start() -> WorkerProcess:
         log_path = tmp_path / f"worker-{len(started)}.log"
         with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "-m", "h2t", "worker"], cwd=REPO, env=settings_env(settings),
-                                       stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "h2t", "worker"],
+                cwd=REPO,
+                env=settings_env(settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         worker = WorkerProcess(process, log_path)
         started.append(worker)
         return worker

@@ -10,9 +10,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_the_whole_system_on_embedded_defaults_and_prints_the_group_table(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "h2t", "demo", "--stage1-epochs", "3", "--stage2-epochs", "2"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-m", "h2t", "demo", "--stage1-epochs", "3", "--stage2-epochs", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "POST /v1/datasets" in out and "run is succeeded" in out

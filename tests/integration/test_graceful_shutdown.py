@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from tests.integration.conftest import wait_for
-from tests.integration.test_training_runs import _digits, _metric_keys, _run, _submit
+from tests.integration.test_training_runs import _digits, _metric_keys, _run, _submit, metric_written_at
 
 pytestmark = pytest.mark.integration
 
@@ -24,9 +24,7 @@ def test_sigterm_checkpoints_requeues_and_the_next_worker_finishes_the_run(clien
     assert "requeued" in first.log()
     stopped = _run(client, run["id"])
     assert stopped["status"] == "queued" and stopped["stage"] == 1
-    before = {
-        (m["stage"], m["epoch"]): m["created_at"] for m in client.get(f"/v1/runs/{run['id']}/metrics").json()["data"]
-    }
+    before = metric_written_at(client, run["id"])
 
     second = start_worker()
     final = wait_for(
@@ -38,8 +36,6 @@ def test_sigterm_checkpoints_requeues_and_the_next_worker_finishes_the_run(clien
     assert final["attempts"] == 2
     assert _metric_keys(client, run["id"]) == [(1, e) for e in range(1, 13)] + [(2, 1), (2, 2)]
     # the second worker resumed from the checkpoint: the first worker's epochs were not trained again
-    after = {
-        (m["stage"], m["epoch"]): m["created_at"] for m in client.get(f"/v1/runs/{run['id']}/metrics").json()["data"]
-    }
+    after = metric_written_at(client, run["id"])
     assert len(before) >= 2 and all(after[key] == written for key, written in before.items())
     assert second.log().count("claimed run") == 1

@@ -30,10 +30,13 @@ def test_readyz_is_503_problem_json_when_a_dependency_is_down(settings, broken):
 def test_openapi_documents_the_api_and_its_key(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/datasets", "/v1/runs", "/v1/runs/{run_id}/metrics", "/v1/runs/{run_id}/cancel", "/readyz"} <= set(
-        spec["paths"])
+        spec["paths"]
+    )
     assert "X-API-Key" in str(spec["components"]["securitySchemes"])
-    assert set(spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]) == {"application/json",
-                                                                                     "multipart/form-data"}
+    assert set(spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]) == {
+        "application/json",
+        "multipart/form-data",
+    }
 
 
 def test_metrics_count_queued_runs_and_the_broker_queue_depth(client, settings):

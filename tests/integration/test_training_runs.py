@@ -37,6 +37,12 @@ def _run(client, run_id: str) -> dict:
     return client.get(f"/v1/runs/{run_id}").json()
 
 
+def metric_written_at(client, run_id: str) -> dict[tuple[int, int], str]:
+    """When each (stage, epoch) row was last written: a rewritten row means that epoch was retrained."""
+    rows = client.get(f"/v1/runs/{run_id}/metrics").json()["data"]
+    return {(m["stage"], m["epoch"]): m["created_at"] for m in rows}
+
+
 def _metric_keys(client, run_id: str) -> list[tuple[int, int]]:
     return [(m["stage"], m["epoch"]) for m in client.get(f"/v1/runs/{run_id}/metrics").json()["data"]]
 
@@ -105,9 +111,7 @@ def test_a_killed_worker_leaves_a_run_that_the_next_worker_finishes_from_its_che
     wait_for(lambda: _run(client, run["id"])["epoch"] >= 3, 180, "three epochs of stage 1")
     first.stop(signal.SIGKILL)
     killed_at = len(_metric_keys(client, run["id"]))
-    before = {
-        (m["stage"], m["epoch"]): m["created_at"] for m in client.get(f"/v1/runs/{run['id']}/metrics").json()["data"]
-    }
+    before = metric_written_at(client, run["id"])
     assert _run(client, run["id"])["status"] == "running"  # nobody has noticed yet
 
     second = start_worker()
@@ -125,9 +129,7 @@ def test_a_killed_worker_leaves_a_run_that_the_next_worker_finishes_from_its_che
     assert rows == 14
     # the second worker resumed from the last checkpoint: at most the epoch under way when the first
     # worker died (reported, not yet checkpointed) is trained again; every earlier row is untouched
-    after = {
-        (m["stage"], m["epoch"]): m["created_at"] for m in client.get(f"/v1/runs/{run['id']}/metrics").json()["data"]
-    }
+    after = metric_written_at(client, run["id"])
     rewritten = [key for key, written in before.items() if after[key] != written]
     assert rewritten in ([], [max(before)])
     assert second.log().count("claimed run") == 1 and killed_at >= 3
