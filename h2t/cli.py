@@ -95,7 +95,7 @@ def train_command(args: argparse.Namespace) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\nlast epoch of stage 2 on the test split:")
-    print(group_table(result.report, counts, result.groups))
+    print(group_table(result.report, counts, dataset.test_counts(), result.groups))
     return 0
 
 

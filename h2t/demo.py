@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 
 from models.config import AugmentConfig, BuiltinDataset, LocalTrainConfig, Stage1Config, Stage2Config
+from models.metrics import EpochMetrics
+from models.reporting import epoch_line, group_rows_table
 
 # scikit-learn's real 8x8 handwritten digits (shipped in its wheel), made long-tailed: 144 down to 7
 # training images per class, 30 balanced test images per class. Trains in well under a minute on a CPU.
@@ -44,7 +46,7 @@ def demo_config(stage1_epochs: int | None = None, stage2_epochs: int | None = No
 def run_local_demo(out_dir: Path | None = None) -> int:
     """The same training in this process, without the service."""
     from models.data import load_dataset
-    from models.reporting import epoch_line, group_table
+    from models.reporting import group_table
     from models.train import resolve_device, train_two_stage
 
     dataset = load_dataset(DEMO_CONFIG.dataset)
@@ -55,7 +57,7 @@ def run_local_demo(out_dir: Path | None = None) -> int:
         result = train_two_stage(dataset, DEMO_CONFIG, out_dir or Path(tmp), device,
                                  on_epoch=lambda m: print(epoch_line(m), flush=True))
     print()
-    print(group_table(result.report, dataset.train_counts(), result.groups))
+    print(group_table(result.report, dataset.train_counts(), dataset.test_counts(), result.groups))
     return 0
 
 
@@ -98,23 +100,16 @@ def _check(response: httpx.Response) -> dict:
     return response.json()
 
 
-def _epoch_line(row: dict, epochs: int) -> str:
-    return (f"stage {row['stage']} epoch {row['epoch']:>3}/{epochs} loss {row['loss']:.4f} "
-            f"top1 {100 * row['top1']:5.2f} many {100 * row['many']:5.2f} med {100 * row['medium']:5.2f} "
-            f"few {100 * row['few']:5.2f} ECE {100 * row['ece']:5.2f}")
+def _stored_epoch(row: dict, epochs: int) -> EpochMetrics:
+    """A stored metrics row (GET /v1/runs/{id}/metrics) as the trainer reported it."""
+    return EpochMetrics(epochs=epochs, **{k: row[k] for k in ("stage", "epoch", *EpochMetrics.measured_fields())})
 
 
 def report_table(dataset: dict, last: dict) -> str:
     """Per-group table of a stored metrics row, with class and image counts from the dataset."""
-    lines = [f"{'group':<8} {'classes':>7} {'train imgs':>10} {'test imgs':>9} {'acc %':>7} {'ECE %':>7}"]
-    for name, acc_key, ece_key in (("overall", "top1", "ece"), ("many", "many", "ece_many"),
-                                   ("medium", "medium", "ece_medium"), ("few", "few", "ece_few")):
-        members = [i for i, g in enumerate(dataset["groups"]) if name == "overall" or g == name]
-        train = sum(dataset["train_counts"][i] for i in members)
-        test = sum(dataset["test_counts"][i] for i in members)
-        lines.append(f"{name:<8} {len(members):>7} {train:>10} {test:>9} {100 * last[acc_key]:>7.2f} "
-                     f"{100 * last[ece_key]:>7.2f}")
-    return "\n".join(lines)
+    return group_rows_table(dataset["groups"], dataset["train_counts"], dataset["test_counts"], {
+        "overall": (last["top1"], last["ece"]), "many": (last["many"], last["ece_many"]),
+        "medium": (last["medium"], last["ece_medium"]), "few": (last["few"], last["ece_few"])})
 
 
 def run_service_demo(stage1_epochs: int | None = None, stage2_epochs: int | None = None,
@@ -174,7 +169,7 @@ def _drive(client: httpx.Client, config: LocalTrainConfig, processes: dict[str, 
         for row in _check(client.get(f"/v1/runs/{run['id']}/metrics"))["data"]:
             if (row["stage"], row["epoch"]) not in shown:
                 shown.add((row["stage"], row["epoch"]))
-                print(_epoch_line(row, epochs[row["stage"]]), flush=True)
+                print(epoch_line(_stored_epoch(row, epochs[row["stage"]])), flush=True)
         if run["status"] != status:
             status = run["status"]
             print(f"run is {status}", flush=True)

@@ -5,15 +5,25 @@ from __future__ import annotations
 from models.metrics import GROUP_NAMES, EpochMetrics, EvaluationReport
 
 
-def group_table(report: EvaluationReport, train_counts: list[int], groups: list[str]) -> str:
-    """One row per group: classes, training images, test images, accuracy and ECE (percent)."""
+def group_rows_table(
+    groups: list[str], train_counts: list[int], test_counts: list[int], accuracy_ece: dict[str, tuple[float, float]]
+) -> str:
+    """One row per group ("overall" first): classes, training and test images, accuracy and ECE in %.
+
+    `accuracy_ece` maps each of overall/many/medium/few to (accuracy, ece) as fractions."""
     lines = [f"{'group':<8} {'classes':>7} {'train imgs':>10} {'test imgs':>9} {'acc %':>7} {'ECE %':>7}"]
     for name in ("overall", *GROUP_NAMES):
         members = [i for i, g in enumerate(groups) if name == "overall" or g == name]
-        g = report.groups[name]
-        lines.append(f"{name:<8} {len(members):>7} {sum(train_counts[i] for i in members):>10} {g.n:>9} "
-                     f"{100 * g.accuracy:>7.2f} {100 * g.ece:>7.2f}")
+        accuracy, ece = accuracy_ece[name]
+        lines.append(f"{name:<8} {len(members):>7} {sum(train_counts[i] for i in members):>10} "
+                     f"{sum(test_counts[i] for i in members):>9} {100 * accuracy:>7.2f} {100 * ece:>7.2f}")
     return "\n".join(lines)
+
+
+def group_table(report: EvaluationReport, train_counts: list[int], test_counts: list[int], groups: list[str]) -> str:
+    """The per-group table of an evaluation report."""
+    return group_rows_table(groups, train_counts, test_counts,
+                            {name: (g.accuracy, g.ece) for name, g in report.groups.items()})
 
 
 def epoch_line(m: EpochMetrics) -> str:

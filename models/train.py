@@ -248,11 +248,23 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return torch.load(path, map_location=device, weights_only=True)
 
 
+def run_groups(dataset: Dataset, config: RunConfig) -> list[str]:
+    """The many/medium/few group of each class, as the run's config defines them."""
+    return class_groups(dataset.train_counts(), config.groups.many_threshold, config.groups.few_threshold,
+                        config.groups.slices)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    history: list[EpochMetrics]
+    last_report: EvaluationReport | None  # of the last epoch trained by this call; None if none was
+
+
 def run_stage(
     model: ImageClassifier, dataset: Dataset, data: DeviceData, config: RunConfig, stage: Stage,
     checkpoint_path: Path, on_epoch: EpochCallback | None = None, dtype: torch.dtype | None = None,
     stop_requested: Callable[[], bool] | None = None,
-) -> list[EpochMetrics]:
+) -> StageResult:
     """Train one stage to its last epoch, resuming from `checkpoint_path` when it exists.
 
     After each epoch: evaluate, report through `on_epoch` (which may raise TrainingCancelled),
@@ -265,9 +277,9 @@ def run_stage(
         model.backbone.requires_grad_(False)
     optimizer = torch.optim.SGD(params, lr=stage_config.lr, momentum=stage_config.momentum,
                                 weight_decay=stage_config.weight_decay)
-    groups = class_groups(dataset.train_counts(), config.groups.many_threshold, config.groups.few_threshold,
-                          config.groups.slices)
+    groups = run_groups(dataset, config)
     history: list[EpochMetrics] = []
+    report = None
     start_epoch = 0
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, data.train_images.device)
@@ -309,7 +321,7 @@ def run_stage(
         }, checkpoint_path)
         if stop_requested is not None and stop_requested():
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1} of stage {stage}, checkpoint saved")
-    return history
+    return StageResult(history, report)
 
 
 @dataclass(frozen=True)
@@ -363,7 +375,7 @@ def train_two_stage(
         stage1 = [EpochMetrics(**m) for m in state["history"]]
     else:
         stage1 = run_stage(model, dataset, data, config, 1, out_dir / "stage1" / CHECKPOINT_NAME, on_epoch, dtype,
-                           stop_requested)
+                           stop_requested).history
 
     stage2_path = out_dir / "stage2" / CHECKPOINT_NAME
     if not stage2_path.exists():
@@ -372,6 +384,7 @@ def train_two_stage(
         model.load_state_dict(load_checkpoint(source / "stage1" / CHECKPOINT_NAME, device)["model"])
     stage2 = run_stage(model, dataset, data, config, 2, stage2_path, on_epoch, dtype, stop_requested)
 
-    groups = class_groups(dataset.train_counts(), config.groups.many_threshold, config.groups.few_threshold,
-                          config.groups.slices)
-    return TwoStageResult(model, stage1, stage2, evaluate(model, data, groups, dtype), groups)
+    groups = run_groups(dataset, config)
+    # the last epoch's evaluation, unless this call resumed a stage 2 that had already finished
+    report = stage2.last_report or evaluate(model, data, groups, dtype)
+    return TwoStageResult(model, stage1, stage2.history, report, groups)
