@@ -55,17 +55,22 @@ class Heartbeat(threading.Thread):
                 log.exception("heartbeat failed", extra={"run_id": self.run_id})
 
 
-def _record_artifacts(settings: Settings, run_id: str, out_dir: Path) -> None:
-    with session_scope(settings.database_url) as session:
-        for kind in ("stage1", "stage2"):
-            path = out_dir / kind / "checkpoint.pt"
-            if not path.exists():
-                continue
-            rel = str(path.relative_to(settings.artifact_dir))
-            row = session.query(ArtifactRow).filter_by(run_id=run_id, kind=f"{kind}_checkpoint").first()
-            row = row or ArtifactRow(run_id=run_id, kind=f"{kind}_checkpoint")
-            row.path, row.size_bytes, row.sha256 = rel, path.stat().st_size, sha256_file(path)
-            session.add(row)
+def _checkpoint_artifacts(settings: Settings, out_dir: Path) -> list[tuple[str, str, int, str]]:
+    """(kind, path relative to the artifact dir, size, sha256) of the run's stage checkpoints."""
+    found = []
+    for stage in ("stage1", "stage2"):
+        path = out_dir / stage / "checkpoint.pt"
+        if path.exists():
+            found.append((f"{stage}_checkpoint", str(path.relative_to(settings.artifact_dir)), path.stat().st_size,
+                          sha256_file(path)))
+    return found
+
+
+def _upsert_artifact(session, run_id: str, kind: str, path: str, size_bytes: int, sha256: str) -> None:
+    row = session.query(ArtifactRow).filter_by(run_id=run_id, kind=kind).first() or ArtifactRow(
+        run_id=run_id, kind=kind)
+    row.path, row.size_bytes, row.sha256 = path, size_bytes, sha256
+    session.add(row)
 
 
 STOP_REQUESTED = threading.Event()  # set by the worker's SIGTERM handler: stop after the next checkpoint
@@ -126,6 +131,7 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
 
     out_dir = run_dir(settings, run_id)
     served = None
+    artifacts: list[tuple[str, str, int, str]] = []
     try:
         dataset = load_dataset(spec, settings.data_root)
         result = train_two_stage(dataset, config, out_dir, resolve_device(), on_epoch,
@@ -134,7 +140,7 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
             served = export_and_calibrate(result.model, dataset, result.groups, out_dir / "model.onnx")
         except Exception as exc:
             raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-        _record_artifacts(settings, run_id, out_dir)
+        artifacts = _checkpoint_artifacts(settings, out_dir)
         status, error = RunStatus.succeeded, None
     except ClaimLost:
         return "lost"
@@ -152,7 +158,10 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
         status, error = RunStatus.failed, str(exc) if isinstance(exc, ExportFailed) else f"{type(exc).__name__}: {exc}"
     with session_scope(settings.database_url) as session:
         if served is not None and status == RunStatus.succeeded:
+            # the model row and every artifact are committed with the run's success, or not at all
             _register_model(session, settings, run_id, served)
+            for artifact in artifacts:
+                _upsert_artifact(session, run_id, *artifact)
         if not runs.finish(session, run_id, token, status, error):
             session.rollback()
             return "lost"
@@ -170,7 +179,4 @@ def _register_model(session, settings: Settings, run_id: str, served) -> None:
     row.class_names, row.groups = list(served.spec.class_names), list(served.spec.groups)
     row.calibration = served.calibration
     session.add(row)
-    artifact = session.query(ArtifactRow).filter_by(run_id=run_id, kind="onnx").first() or ArtifactRow(
-        run_id=run_id, kind="onnx")
-    artifact.path, artifact.size_bytes, artifact.sha256 = rel, export.size_bytes, export.sha256
-    session.add(artifact)
+    _upsert_artifact(session, run_id, "onnx", rel, export.size_bytes, export.sha256)

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service.auth import ApiKey
+from service.bodies import media_type, parse_json
 from service.datasets import service
 from service.datasets.schemas import BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
 from service.deps import SessionDep, SettingsDep
@@ -51,13 +51,9 @@ async def _spool_upload(upload: UploadFile, dest: Path, max_bytes: int) -> None:
              summary="Create a dataset from an uploaded ImageFolder archive or a builtin long-tailed dataset")
 async def create_dataset(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                          _: ApiKey) -> DatasetPublic:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type == "application/json":
-        try:
-            body = BuiltinDatasetCreate.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise InvalidInput("invalid builtin dataset request",
-                               errors=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]) from exc
+        body = await parse_json(request, BuiltinDatasetCreate, "builtin dataset request")
         row = service.create_builtin(session, settings, body)
     elif content_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)

@@ -8,11 +8,11 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from models.inference import decode_image
 from service.auth import ApiKey
+from service.bodies import media_type, parse_json
 from service.db import session_scope
 from service.deps import SessionDep, SettingsDep
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -66,13 +66,9 @@ def get_calibration(model_id: str, session: SessionDep, _: ApiKey) -> Calibratio
 
 
 async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type == "application/json":
-        try:
-            body = PredictJSON.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise InvalidInput("invalid predict request",
-                               errors=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]) from exc
+        body = await parse_json(request, PredictJSON, "predict request")
         if len(body.images) > settings.predict_max_images:
             raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request")
         blobs = []

@@ -149,21 +149,25 @@ class WorkerProcess:
                 self.process.wait()
 
 
+def spawn_worker(settings: Settings, log_path: Path) -> WorkerProcess:
+    """A real `python -m h2t worker` process configured by `settings`, logging to `log_path`."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "h2t", "worker"],
+            cwd=REPO,
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return WorkerProcess(process, log_path)
+
+
 @pytest.fixture
 def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start() -> WorkerProcess:
-        log_path = tmp_path / f"worker-{len(started)}.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "h2t", "worker"],
-                cwd=REPO,
-                env=settings_env(settings),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        worker = WorkerProcess(process, log_path)
+        worker = spawn_worker(settings, tmp_path / f"worker-{len(started)}.log")
         started.append(worker)
         return worker
 

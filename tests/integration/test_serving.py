@@ -6,8 +6,6 @@ import base64
 import hashlib
 import io
 import signal
-import subprocess
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +20,7 @@ from models.inference import decode_image, evaluate_onnx, load_session, run_prob
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import SHARED_DATA
-from tests.integration.conftest import API_KEY, REPO, settings_env, wait_for
+from tests.integration.conftest import API_KEY, spawn_worker, wait_for
 
 pytestmark = pytest.mark.integration
 TINY_RUN = {
@@ -51,15 +49,7 @@ def served(database_url, redis_url, tmp_path_factory):
         max_image_pixels=256 * 256,
         predict_max_image_bytes=200_000,
     )
-    log = tmp_path_factory.mktemp("logs") / "worker.log"
-    with open(log, "w") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "h2t", "worker"],
-            cwd=REPO,
-            env=settings_env(settings),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    worker = spawn_worker(settings, tmp_path_factory.mktemp("logs") / "worker.log")
     try:
         with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
             dataset = client.post("/v1/datasets", json={"builtin": "digits", "imbalance_factor": 0.05}).json()
@@ -69,13 +59,12 @@ def served(database_url, redis_url, tmp_path_factory):
                 240,
                 "the training run",
             )
-            assert final["status"] == "succeeded", final["error"] + log.read_text()[-2000:]
+            assert final["status"] == "succeeded", final["error"] + worker.log()[-2000:]
             queued = client.post("/v1/runs", json={"dataset_id": dataset["id"], **TINY_RUN}).json()
             client.post(f"/v1/runs/{queued['id']}/cancel")
         yield settings, final["model_id"], queued["id"]
     finally:
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
+        worker.stop(signal.SIGKILL)
 
 
 @pytest.fixture
