@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.backbones import build_classifier  # noqa: E402
-from models.export import export_onnx  # noqa: E402
-from models.inference import ModelSpec, load_session, run_probabilities  # noqa: E402
+from models.contract.onnx_model import ModelSpec, load_session, run_probabilities  # noqa: E402
+from models.core.backbones import build_classifier  # noqa: E402
+from models.core.export import export_onnx  # noqa: E402
 
 NUM_CLASSES, SIZE = 100, 32
 
@@ -93,10 +93,10 @@ def free_port() -> int:
 def register(home: Path, result, spec: ModelSpec) -> str:
     """A store holding one succeeded run and its model, as a worker would leave it."""
     os.environ["H2T_DATABASE_URL"] = f"sqlite:///{home / 'h2t.db'}"
-    from models.inference import ModelSpec as _  # noqa: F401
-    from service.db import session_scope
-    from service.migrate import upgrade_head
-    from service.orm import DatasetRow, ModelRow, RunRow, RunStatus
+    from models.contract.onnx_model import ModelSpec as _  # noqa: F401
+    from service.store.db import session_scope
+    from service.store.migrate import upgrade_head
+    from service.store.orm import DatasetRow, ModelRow, RunRow, RunStatus
 
     url = os.environ["H2T_DATABASE_URL"]
     upgrade_head(url)

@@ -5,7 +5,7 @@ All train the same ResNet-32 with the same batch size, optimizer and input mixup
   reference  the loop as commonly written (the official H2T code): torchvision CIFAR-style dataset,
              per-image PIL RandomCrop(32, 4) + flip + ToTensor + Normalize in a DataLoader, fp32, NCHW;
              once more with our precision and memory layout, to separate the data path's share
-  ours       models.train's epoch loop: uint8 tensors in memory, batch crop/flip/normalise as tensor
+  ours       models.core.train's epoch loop: uint8 tensors in memory, batch crop/flip/normalise as tensor
              ops, bf16 autocast and channels_last where the hardware has them (precision "auto")
   model      our model step alone, same precision and layout as ours, on pre-made tensors
 Rounds are interleaved (reference, ours, model, reference, ...) and the median of each is reported,
@@ -29,11 +29,11 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.augment import mix, mixup_lambda  # noqa: E402
-from models.backbones import build_classifier  # noqa: E402
-from models.config import AugmentConfig, BuiltinDataset, Stage1Config  # noqa: E402
-from models.data import CIFAR_MEAN, CIFAR_STD, Dataset, ImageSet, load_dataset  # noqa: E402
-from models.train import DeviceData, _autocast, _to_model_layout, _train_epoch, autocast_dtype  # noqa: E402
+from models.contract.config import AugmentConfig, BuiltinDataset, Stage1Config  # noqa: E402
+from models.core.augment import mix, mixup_lambda  # noqa: E402
+from models.core.backbones import build_classifier  # noqa: E402
+from models.core.data import CIFAR_MEAN, CIFAR_STD, Dataset, ImageSet, load_dataset  # noqa: E402
+from models.core.train import DeviceData, _autocast, _to_model_layout, _train_epoch, autocast_dtype  # noqa: E402
 
 
 class PilCifar(torch.utils.data.Dataset):

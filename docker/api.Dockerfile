@@ -14,7 +14,7 @@ COPY worker ./worker
 COPY h2t ./h2t
 COPY migrations ./migrations
 # packages only: no data, weights or secrets are fetched or baked in at build time
-RUN pip install ".[cpu]" && python -c "import service.app, sys; assert 'torch' not in sys.modules"
+RUN pip install ".[cpu]" && python -c "import service.api.app, sys; assert 'torch' not in sys.modules"
 
 USER h2t
 EXPOSE 8000

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from models.config import LocalTrainConfig
+from models.contract.config import LocalTrainConfig
 
 DEFAULT_DATA_ROOT = "./data"
 
@@ -61,9 +61,9 @@ class MetricsLog:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from models.data import load_dataset
-    from models.reporting import epoch_line, group_table
-    from models.train import resolve_device, train_two_stage
+    from models.contract.reporting import epoch_line, group_table
+    from models.core.data import load_dataset
+    from models.core.train import resolve_device, train_two_stage
 
     config = load_train_config(Path(args.config), args.set)
     out = Path(args.out)
@@ -100,8 +100,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def migrate_command(args: argparse.Namespace) -> int:
-    from service.migrate import downgrade_to, upgrade_head
-    from service.settings import Settings
+    from service.store.migrate import downgrade_to, upgrade_head
+    from service.store.settings import Settings
 
     settings = Settings()
     settings.ensure_local_dirs()
@@ -118,8 +118,8 @@ def migrate_command(args: argparse.Namespace) -> int:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
-    from service.logs import configure_logging
+    from service.api.app import create_app
+    from service.store.logs import configure_logging
 
     configure_logging(args.log_level)
     uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level.lower(),
@@ -128,8 +128,8 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def worker_command(args: argparse.Namespace) -> int:
-    from service.logs import configure_logging
-    from service.settings import Settings
+    from service.store.logs import configure_logging
+    from service.store.settings import Settings
     from worker.celery_app import run_worker
 
     configure_logging(args.log_level)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from models.config import AugmentConfig, BuiltinDataset, LocalTrainConfig, Stage1Config, Stage2Config
-from models.metrics import EpochMetrics
-from models.reporting import epoch_line, group_rows_table
+from models.contract.config import AugmentConfig, BuiltinDataset, LocalTrainConfig, Stage1Config, Stage2Config
+from models.contract.metrics import EpochMetrics
+from models.contract.reporting import epoch_line, group_rows_table
 
 # scikit-learn's real 8x8 handwritten digits (shipped in its wheel), made long-tailed: 144 down to 7
 # training images per class, 30 balanced test images per class. Trains in well under a minute on a CPU.
@@ -45,9 +45,9 @@ def demo_config(stage1_epochs: int | None = None, stage2_epochs: int | None = No
 
 def run_local_demo(out_dir: Path | None = None) -> int:
     """The same training in this process, without the service."""
-    from models.data import load_dataset
-    from models.reporting import group_table
-    from models.train import resolve_device, train_two_stage
+    from models.contract.reporting import group_table
+    from models.core.data import load_dataset
+    from models.core.train import resolve_device, train_two_stage
 
     dataset = load_dataset(DEMO_CONFIG.dataset)
     device = resolve_device()
@@ -199,7 +199,7 @@ def _held_out_pngs(config: LocalTrainConfig, per_class: int = 1) -> list[tuple[i
 
     from PIL import Image
 
-    from models.data import load_dataset
+    from models.core.data import load_dataset
 
     test = load_dataset(config.dataset).test
     picked = []

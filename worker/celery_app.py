@@ -11,9 +11,9 @@ import threading
 from celery import Celery
 from celery.signals import worker_ready
 
-from service.queue import TRAIN_TASK, enqueue_training, make_celery
-from service.settings import Settings
-from service.sweeper import sweep_once
+from service.store.queue import TRAIN_TASK, enqueue_training, make_celery
+from service.store.settings import Settings
+from service.store.sweep import sweep_once
 
 log = logging.getLogger("h2t.worker")
 

@@ -1,4 +1,4 @@
-"""Train one run: claim it, train through models.train with a callback that writes each epoch's
+"""Train one run: claim it, train through models.core.train with a callback that writes each epoch's
 metrics row and checks for cancellation, record artifacts, finish. Idempotent: a redelivered task
 finds the run claimed (and skips) or stale (and resumes from the last checkpoint)."""
 
@@ -13,12 +13,12 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from models.config import BuiltinDataset, DatasetConfig, FolderDataset, RunConfig
-from models.inference import sha256_file
-from service.db import session_scope
-from service.orm import ArtifactRow, DatasetRow, ModelRow, RunRow, RunStatus, utcnow
-from service.runs import service as runs
-from service.settings import Settings
+from models.contract.config import BuiltinDataset, DatasetConfig, FolderDataset, RunConfig
+from models.contract.onnx_model import sha256_file
+from service.api.runs import service as runs
+from service.store.db import session_scope
+from service.store.orm import ArtifactRow, DatasetRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.settings import Settings
 
 log = logging.getLogger("h2t.worker")
 
@@ -113,9 +113,9 @@ def train_run(run_id: str, settings: Settings, worker_name: str,
 
 def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec: DatasetConfig,
            stage1_from: str | None, beat: Heartbeat, requeue: Callable[[str], None]) -> str:
-    from models.data import load_dataset
-    from models.export import export_and_calibrate
-    from models.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
+    from models.core.data import load_dataset
+    from models.core.export import export_and_calibrate
+    from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
 
     def on_epoch(m) -> None:
         if beat.lost.is_set():

@@ -23,8 +23,8 @@ import redis
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from service.migrate import upgrade_head
-from service.settings import Settings
+from service.store.migrate import upgrade_head
+from service.store.settings import Settings
 from tests.conftest import SHARED_DATA
 
 PG_URL = os.environ.get("H2T_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -66,7 +66,7 @@ def make_database(admin_engine: sa.Engine) -> Iterator[Callable[[], str]]:
         return admin_engine.url.set(database=name).render_as_string(hide_password=False)
 
     yield make
-    from service.db import get_engine
+    from service.store.db import get_engine
 
     get_engine.cache_clear()
     with admin_engine.connect() as connection:
@@ -178,7 +178,7 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], Wo
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    from service.app import create_app
+    from service.api.app import create_app
 
     with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as test_client:
         yield test_client

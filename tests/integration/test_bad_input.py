@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from service.db import session_scope
-from service.orm import ArtifactRow, DatasetRow, MetricRow, RunRow
+from service.store.db import session_scope
+from service.store.orm import ArtifactRow, DatasetRow, MetricRow, RunRow
 
 pytestmark = pytest.mark.integration
 

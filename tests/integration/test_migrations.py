@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from service.migrate import check_no_drift, downgrade_base, upgrade_head
-from service.orm import Base
+from service.store.migrate import check_no_drift, downgrade_base, upgrade_head
+from service.store.orm import Base
 
 pytestmark = pytest.mark.integration
 TABLES = {"datasets", "runs", "metrics", "artifacts"}

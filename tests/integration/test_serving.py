@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from models.config import BuiltinDataset
-from models.data import digits_long_tailed
-from models.inference import decode_image, evaluate_onnx, load_session, run_probabilities
-from service.app import create_app
-from service.settings import Settings
+from models.contract.config import BuiltinDataset
+from models.contract.onnx_model import decode_image, evaluate_onnx, load_session, run_probabilities
+from models.core.data import digits_long_tailed
+from service.api.app import create_app
+from service.store.settings import Settings
 from tests.conftest import SHARED_DATA
 from tests.integration.conftest import API_KEY, spawn_worker, wait_for
 

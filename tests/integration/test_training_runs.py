@@ -7,9 +7,9 @@ import signal
 import pytest
 from sqlalchemy import func, select
 
-from service.db import session_scope
-from service.orm import ArtifactRow, MetricRow
-from service.queue import TRAIN_TASK, make_celery
+from service.store.db import session_scope
+from service.store.orm import ArtifactRow, MetricRow
+from service.store.queue import TRAIN_TASK, make_celery
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 import torch
 
-from models.augment import CropFlip, crop_flip, mix, mixup_lambda, normalize
+from models.core.augment import CropFlip, crop_flip, mix, mixup_lambda, normalize
 
 
 def _images(n=3, size=8) -> torch.Tensor:

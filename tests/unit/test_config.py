@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from models.config import (
+from models.contract.config import (
     BuiltinDataset,
     FolderDataset,
     GroupConfig,
@@ -61,5 +61,5 @@ def test_config_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, models.config; sys.exit('torch' in sys.modules)"
+    code = "import sys, models.contract.config; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import BuiltinDataset, FolderDataset
-from models.data import (
+from models.contract.config import BuiltinDataset, FolderDataset
+from models.contract.metrics import class_groups
+from models.core.data import (
     digits_long_tailed,
     load_cifar,
     load_dataset,
@@ -11,7 +12,6 @@ from models.data import (
     long_tailed_counts,
     long_tailed_indices,
 )
-from models.metrics import class_groups
 
 
 @pytest.mark.parametrize("factor, total", [(0.01, 10_847), (0.005, 9_502), (0.02, 12_608)])
@@ -114,7 +114,7 @@ def test_image_folder_refuses_test_classes_unknown_to_train(tmp_path):
 
 
 def test_describe_builtin_gives_the_counts_the_loader_builds_without_loading_images(cifar_root):
-    from models.catalog import describe_builtin
+    from models.contract.catalog import describe_builtin
 
     for spec, root in ((BuiltinDataset(builtin="digits", imbalance_factor=0.1, profile="step"), None),
                        (BuiltinDataset(builtin="cifar100", imbalance_factor=0.02), cifar_root)):
@@ -126,7 +126,7 @@ def test_describe_builtin_gives_the_counts_the_loader_builds_without_loading_ima
 
 
 def test_describe_builtin_reports_missing_cifar_files(tmp_path):
-    from models.catalog import describe_builtin
+    from models.contract.catalog import describe_builtin
 
     with pytest.raises(FileNotFoundError, match="not under the data root"):
         describe_builtin(BuiltinDataset(builtin="cifar10"), tmp_path)

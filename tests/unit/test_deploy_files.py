@@ -115,7 +115,7 @@ def test_the_gpu_image_installs_onnxruntime_gpu_and_the_api_image_the_cpu_one():
 
 def test_the_api_process_never_imports_torch():
     code = ("import os, sys; os.environ['H2T_API_KEYS'] = 'k'; os.environ['H2T_DATABASE_URL'] = 'sqlite://'; "
-            "from service.app import create_app; create_app(); "
+            "from service.api.app import create_app; create_app(); "
             "bad = [m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules]; "
             "sys.exit(str(bad) if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

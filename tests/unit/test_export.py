@@ -7,13 +7,20 @@ import pytest
 import torch
 from PIL import Image
 
-from models.backbones import build_classifier
-from models.config import AugmentConfig, BuiltinDataset, RunConfig, Stage1Config, Stage2Config
-from models.data import digits_long_tailed
-from models.export import export_and_calibrate, export_onnx
-from models.inference import ModelSpec, decode_image, evaluate_onnx, load_session, run_probabilities, session_spec
-from models.metrics import class_groups, evaluate_predictions
-from models.train import train_two_stage
+from models.contract.config import AugmentConfig, BuiltinDataset, RunConfig, Stage1Config, Stage2Config
+from models.contract.metrics import class_groups, evaluate_predictions
+from models.contract.onnx_model import (
+    ModelSpec,
+    decode_image,
+    evaluate_onnx,
+    load_session,
+    run_probabilities,
+    session_spec,
+)
+from models.core.backbones import build_classifier
+from models.core.data import digits_long_tailed
+from models.core.export import export_and_calibrate, export_onnx
+from models.core.train import train_two_stage
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +127,7 @@ def test_decode_image_rejects_garbage_truncated_and_oversized_images(data, messa
 
 
 def test_batcher_combines_concurrent_requests_and_answers_each_exactly(digits, trained, tmp_path):
-    from service.models_api.runtime import Batcher
+    from service.api.models_api.runtime import Batcher
 
     result = export_onnx(
         trained.model, _spec(digits, trained.groups), tmp_path / "m.onnx", digits.test.images.numpy()[:4]
@@ -147,7 +154,7 @@ def test_batcher_combines_concurrent_requests_and_answers_each_exactly(digits, t
 
 
 def test_batcher_passes_an_inference_error_to_every_waiting_request():
-    from service.models_api.runtime import Batcher
+    from service.api.models_api.runtime import Batcher
 
     def broken(x):
         raise RuntimeError("inference failed")

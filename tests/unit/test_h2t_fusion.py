@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.h2t import class_balanced_indices, fuse
+from models.core.h2t import class_balanced_indices, fuse
 
 
 def _maps(seed: int, shape=(4, 16, 3, 3)) -> torch.Tensor:

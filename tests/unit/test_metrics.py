@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models.metrics import class_groups, evaluate_predictions, expected_calibration_error, reliability_bins
+from models.contract.metrics import class_groups, evaluate_predictions, expected_calibration_error, reliability_bins
 
 
 def _probs(conf_and_pred: list[tuple[float, int]], num_classes: int = 3) -> np.ndarray:

@@ -3,10 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.backbones import build_classifier
-from models.config import AugmentConfig, BuiltinDataset, RunConfig, Stage1Config, Stage2Config
-from models.data import digits_long_tailed
-from models.train import (
+from models.contract.config import AugmentConfig, BuiltinDataset, RunConfig, Stage1Config, Stage2Config
+from models.core.backbones import build_classifier
+from models.core.data import digits_long_tailed
+from models.core.train import (
     CHECKPOINT_NAME,
     DeviceData,
     TrainingCancelled,

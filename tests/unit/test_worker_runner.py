@@ -6,12 +6,12 @@ from datetime import timedelta
 
 import pytest
 
-from models.config import RunConfig
-from service.db import session_scope
-from service.migrate import upgrade_head
-from service.orm import DatasetRow, ModelRow, RunRow, RunStatus, utcnow
-from service.runs import service as runs
-from service.settings import Settings
+from models.contract.config import RunConfig
+from service.api.runs import service as runs
+from service.store.db import session_scope
+from service.store.migrate import upgrade_head
+from service.store.orm import DatasetRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.settings import Settings
 from worker import runner
 
 TINY = {"augment": {"horizontal_flip": False},
@@ -56,12 +56,12 @@ def test_the_task_body_trains_exports_and_registers_the_model(settings):
 
 
 def test_a_failed_export_fails_the_run_with_a_clear_error(settings, monkeypatch):
-    import models.export
+    import models.core.export
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models.export, "export_and_calibrate", broken)
+    monkeypatch.setattr(models.core.export, "export_and_calibrate", broken)
     run_id = _queued_run(settings, **TINY)
     assert runner.train_run(run_id, settings, "test-worker") == "failed"
     run = _run(settings, run_id)

@@ -1,0 +1,118 @@
+"""Running an exported classifier with onnxruntime: numpy and Pillow only, no torch.
+
+The contract of every exported model: input `image`, float32 N x 3 x H x W, RGB scaled to [0, 1]
+(normalisation happens inside the graph); output `probabilities`, N x C softmax. Its metadata
+holds the image size, the normalisation, the class names and their many/medium/few groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.contract.metrics import EvaluationReport, evaluate_predictions
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a client must know to use the model; stored in the ONNX metadata as JSON."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+    groups: tuple[str, ...]
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "h2t.input": json.dumps({"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB", "dtype": "float32",
+                                     "range": [0.0, 1.0], "height": self.image_size, "width": self.image_size,
+                                     "resize": "bilinear", "normalisation": "inside the graph",
+                                     "mean": list(self.mean), "std": list(self.std)}),
+            "h2t.output": json.dumps({"name": OUTPUT_NAME, "kind": "softmax probabilities"}),
+            "h2t.class_names": json.dumps(list(self.class_names)),
+            "h2t.groups": json.dumps(list(self.groups)),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> ModelSpec:
+        spec = json.loads(metadata["h2t.input"])
+        return cls(spec["height"], tuple(spec["mean"]), tuple(spec["std"]),
+                   tuple(json.loads(metadata["h2t.class_names"])), tuple(json.loads(metadata["h2t.groups"])))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def providers() -> list[str]:
+    """CUDA when onnxruntime-gpu sees a GPU, else the CPU."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def load_session(path: str | Path, intra_op_threads: int = 0):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers())
+
+
+def session_spec(session) -> ModelSpec:
+    return ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map)
+
+
+def run_probabilities(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """images: float32 N x 3 x H x W in [0, 1] -> N x C probabilities."""
+    outputs = [session.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + batch_size]})[0]
+               for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def uint8_to_input(images: np.ndarray) -> np.ndarray:
+    """uint8 N x 3 x H x W -> the model's float32 input."""
+    return images.astype(np.float32) / np.float32(255.0)
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int) -> np.ndarray:
+    """Encoded image bytes -> float32 3 x S x S in [0, 1], resized as training resized (bilinear).
+
+    Raises ValueError for anything Pillow cannot fully decode or larger than max_pixels.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(f"{width}x{height} is over the {max_pixels}-pixel limit")
+            rgb = image.convert("RGB")
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
+            array = np.asarray(rgb, dtype=np.uint8)
+    except ValueError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"not a readable image ({exc})") from exc
+    return uint8_to_input(array.transpose(2, 0, 1)[None])[0]
+
+
+def evaluate_onnx(session, images_uint8: np.ndarray, labels: np.ndarray, groups: list[str]) -> EvaluationReport:
+    """Accuracy and calibration, overall and per group, of the served artifact on a labelled split."""
+    probs = run_probabilities(session, uint8_to_input(images_uint8))
+    return evaluate_predictions(probs, labels, groups)

@@ -1,0 +1,32 @@
+"""Plain-text tables of evaluation results, shared by the CLI, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+from models.contract.metrics import GROUP_NAMES, EpochMetrics, EvaluationReport
+
+
+def group_rows_table(
+    groups: list[str], train_counts: list[int], test_counts: list[int], accuracy_ece: dict[str, tuple[float, float]]
+) -> str:
+    """One row per group ("overall" first): classes, training and test images, accuracy and ECE in %.
+
+    `accuracy_ece` maps each of overall/many/medium/few to (accuracy, ece) as fractions."""
+    lines = [f"{'group':<8} {'classes':>7} {'train imgs':>10} {'test imgs':>9} {'acc %':>7} {'ECE %':>7}"]
+    for name in ("overall", *GROUP_NAMES):
+        members = [i for i, g in enumerate(groups) if name == "overall" or g == name]
+        accuracy, ece = accuracy_ece[name]
+        lines.append(f"{name:<8} {len(members):>7} {sum(train_counts[i] for i in members):>10} "
+                     f"{sum(test_counts[i] for i in members):>9} {100 * accuracy:>7.2f} {100 * ece:>7.2f}")
+    return "\n".join(lines)
+
+
+def group_table(report: EvaluationReport, train_counts: list[int], test_counts: list[int], groups: list[str]) -> str:
+    """The per-group table of an evaluation report."""
+    return group_rows_table(groups, train_counts, test_counts,
+                            {name: (g.accuracy, g.ece) for name, g in report.groups.items()})
+
+
+def epoch_line(m: EpochMetrics) -> str:
+    return (f"stage {m.stage} epoch {m.epoch:>3}/{m.epochs} loss {m.loss:.4f} lr {m.lr:.5f} "
+            f"top1 {100 * m.top1:5.2f} many {100 * m.many:5.2f} med {100 * m.medium:5.2f} "
+            f"few {100 * m.few:5.2f} ECE {100 * m.ece:5.2f} ({m.images_per_second:.0f} img/s)")

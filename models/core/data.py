@@ -1,0 +1,196 @@
+"""Datasets held whole in memory as uint8 tensors: CIFAR-LT, ImageFolder trees, embedded digits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.contract.catalog import (
+    CIFAR_LAYOUT,
+    DIGITS_N_MAX,
+    DIGITS_SIZE,
+    DIGITS_TEST_PER_CLASS,
+    cifar_available,
+    cifar_folder,
+    long_tailed_counts,
+    long_tailed_indices,
+    unpickle,
+)
+from models.contract.config import BuiltinDataset, DatasetConfig, FolderDataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# The official H2T code normalises both CIFARs with these statistics.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor  # N x 3 x H x W, uint8
+    labels: torch.Tensor  # N, int64
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be N x 3 x H x W uint8, got {tuple(self.images.shape)} {self.images.dtype}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must have one entry per image")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    class_names: tuple[str, ...]
+    train: ImageSet
+    test: ImageSet
+    mean: tuple[float, float, float]  # per-channel normalisation, 0..1 pixel scale
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    def train_counts(self) -> list[int]:
+        return torch.bincount(self.train.labels, minlength=self.num_classes).tolist()
+
+    def test_counts(self) -> list[int]:
+        return torch.bincount(self.test.labels, minlength=self.num_classes).tolist()
+
+
+def _download_cifar(root: Path, name: str) -> None:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    (CIFAR10 if name == "cifar10" else CIFAR100)(str(root), train=True, download=True)
+
+
+def load_cifar(root: str | Path, name: str, download: bool = False) -> tuple[ImageSet, ImageSet, tuple[str, ...]]:
+    """Read the CIFAR python pickles under `root` (train, test, class names).
+
+    Reads the pickle layout itself rather than through torchvision's class, whose md5 check refuses
+    re-packed copies of the real data. With `download`, fetches the official archive when missing.
+    """
+    base = cifar_folder(root, name)
+    _, train_files, test_file, meta_file, label_key, names_key = CIFAR_LAYOUT[name]
+    if not cifar_available(root, name):
+        if not download:
+            raise FileNotFoundError(
+                f"{name}: no complete {base}; put the CIFAR python pickles under {root} or allow download")
+        _download_cifar(Path(root), name)
+
+    def read(files: list[str]) -> ImageSet:
+        batches = [unpickle(base / f) for f in files]
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+        return ImageSet(images, torch.from_numpy(labels))
+
+    class_names = tuple(unpickle(base / meta_file)[names_key])
+    return read(train_files), read([test_file]), class_names
+
+
+def cifar_long_tailed(root: str | Path, spec: BuiltinDataset, download: bool = False) -> Dataset:
+    train, test, class_names = load_cifar(root, spec.builtin, download=download)
+    num_classes = len(class_names)
+    n_max = len(train) // num_classes
+    counts = long_tailed_counts(n_max, num_classes, spec.imbalance_factor, spec.profile)
+    keep = torch.from_numpy(long_tailed_indices(train.labels.numpy(), counts, spec.sampling_seed))
+    lt_train = ImageSet(train.images[keep].contiguous(), train.labels[keep].contiguous())
+    return Dataset(f"{spec.builtin}-lt", class_names, lt_train, test, CIFAR_MEAN, CIFAR_STD)
+
+
+def digits_long_tailed(spec: BuiltinDataset) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    gray = torch.from_numpy((bunch.images * (255.0 / 16.0)).round().astype(np.uint8))
+    gray = torch.nn.functional.interpolate(gray[:, None].float(), size=DIGITS_SIZE, mode="bilinear",
+                                           align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    images = gray.expand(-1, 3, -1, -1).contiguous()
+    labels = np.asarray(bunch.target, dtype=np.int64)
+
+    rng = np.random.RandomState(spec.sampling_seed)
+    test_idx, pool_idx = [], []
+    for cls in range(10):
+        idx = np.where(labels == cls)[0]
+        rng.shuffle(idx)
+        test_idx.append(idx[:DIGITS_TEST_PER_CLASS])
+        pool_idx.append(idx[DIGITS_TEST_PER_CLASS:])
+    counts = long_tailed_counts(DIGITS_N_MAX, 10, spec.imbalance_factor, spec.profile)
+    train_idx = np.concatenate([pool[:n] for pool, n in zip(pool_idx, counts, strict=True)])
+    test_idx_all = np.concatenate(test_idx)
+    train = ImageSet(images[train_idx], torch.from_numpy(labels[train_idx]))
+    test = ImageSet(images[test_idx_all], torch.from_numpy(labels[test_idx_all]))
+    mean, std = channel_stats(train.images)
+    return Dataset("digits-lt", tuple(str(d) for d in range(10)), train, test, mean, std)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    x = images.float().div_(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())  # type: ignore[return-value]
+
+
+def _read_image(path: Path, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
+    """Read `root/train/<class>/<image>` and `root/test/<class>/<image>`, resizing to a square.
+
+    Class names are the train folder names in sorted order; test may not name a class train lacks.
+    """
+    root = Path(root)
+    train_dir, test_dir = root / "train", root / "test"
+    for d in (train_dir, test_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"image folder dataset needs {d}")
+    class_names = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
+    if len(class_names) < 2:
+        raise ValueError(f"{train_dir} must hold at least two class folders")
+    unknown = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(class_names))
+    if unknown:
+        raise ValueError(f"test classes missing from train: {unknown}")
+
+    def read(split: Path) -> ImageSet:
+        images, labels = [], []
+        for label, name in enumerate(class_names):
+            folder = split / name
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    images.append(_read_image(path, image_size))
+                    labels.append(label)
+        if not images:
+            raise ValueError(f"no images under {split}")
+        return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+
+    train, test = read(train_dir), read(test_dir)
+    mean, std = channel_stats(train.images)
+    return Dataset(root.name, class_names, train, test, mean, std)
+
+
+def load_dataset(spec: DatasetConfig, data_root: str | Path | None = None, download: bool = False) -> Dataset:
+    """Build the dataset a config names. CIFAR needs `data_root`; digits ship with scikit-learn."""
+    if isinstance(spec, FolderDataset):
+        return load_image_folder(spec.folder, spec.image_size)
+    if spec.builtin == "digits":
+        return digits_long_tailed(spec)
+    if data_root is None:
+        raise ValueError(f"{spec.builtin} needs a data root holding the CIFAR python files")
+    return cifar_long_tailed(data_root, spec, download=download)

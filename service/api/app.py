@@ -1,0 +1,120 @@
+"""The FastAPI application: `create_app(settings)`; nothing is built at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.datasets.endpoints import router as datasets_router
+from service.api.errors import install_error_handlers, problem
+from service.api.health import router as health_router
+from service.api.models_api.endpoints import router as models_router
+from service.api.models_api.runtime import ModelCache
+from service.api.observability import Metrics, RequestTimer
+from service.api.runs.endpoints import router as runs_router
+from service.store.queue import make_celery
+from service.store.settings import Settings, get_settings
+from service.store.sweep import sweep_once
+
+log = logging.getLogger("h2t.api")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem(413, "Content too large", f"the request body exceeds {self.max_bytes} bytes",
+                           scope.get("path", ""))
+        await response(scope, receive, send)
+
+
+async def _sweep_forever(app: FastAPI) -> None:
+    settings = app.state.settings
+    while True:
+        await asyncio.sleep(settings.sweep_interval_s)
+        try:
+            await asyncio.to_thread(sweep_once, settings, app.state.celery)
+        except Exception:  # the database or broker may be briefly down; try again next round
+            log.exception("stale-run sweep failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.require_api_keys()
+    settings.ensure_local_dirs()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_forever(app))
+        yield
+        sweeper.cancel()
+        await app.state.models.close()
+
+    app = FastAPI(
+        title="H2T service", version="0.1.0", lifespan=lifespan,
+        description="Long-tailed image classification with H2T: datasets, two-stage training runs, "
+                    "per-epoch metrics, and models with head/medium/tail calibration. /v1 needs an X-API-Key header; "
+                    "errors are RFC 9457 problem+json.",
+    )
+    app.state.settings = settings
+    app.state.celery = make_celery(settings)
+    app.state.metrics = metrics = Metrics(settings, app.state.celery)
+    app.state.models = ModelCache(settings.model_cache_size, settings.predict_batching, settings.predict_max_batch,
+                                  settings.predict_max_wait_ms / 1000, on_batch=metrics.predict_batch_size.observe)
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(datasets_router)
+    app.include_router(runs_router)
+    app.include_router(models_router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestTimer, metrics=metrics)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    def prometheus_metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,24 @@
+"""API-key authentication for /v1: the `X-API-Key` header must hold one of H2T_API_KEYS."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from service.api.errors import Unauthorized
+
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of the keys in H2T_API_KEYS")
+
+
+async def require_api_key(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> str:
+    if not key:
+        raise Unauthorized("missing X-API-Key header")
+    if not any(hmac.compare_digest(key, k) for k in request.app.state.settings.api_keys):
+        raise Unauthorized("invalid API key")
+    return key
+
+
+ApiKey = Annotated[str, Depends(require_api_key)]

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+from starlette.datastructures import UploadFile
+
+from service.api.auth import ApiKey
+from service.api.bodies import media_type, parse_json
+from service.api.datasets import service
+from service.api.datasets.schemas import BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": BuiltinDatasetCreate.model_json_schema()},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["archive"],
+                "properties": {
+                    "archive": {"type": "string", "format": "binary",
+                                "description": "zip or tar.gz with train/<class>/<image> and test/<class>/<image>"},
+                    "name": {"type": "string", "maxLength": 200},
+                    "image_size": {"type": "integer", "minimum": 8, "maximum": 512, "default": 32,
+                                   "description": "images are resized to this square size for training"},
+                },
+            }},
+        },
+    }
+}
+
+
+async def _spool_upload(upload: UploadFile, dest: Path, max_bytes: int) -> None:
+    written = 0
+    with open(dest, "wb") as out:
+        while chunk := await upload.read(1 << 20):
+            written += len(chunk)
+            if written > max_bytes:
+                raise PayloadTooLarge(f"the archive is larger than {max_bytes} bytes")
+            out.write(chunk)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, openapi_extra=_CREATE_BODY,
+             summary="Create a dataset from an uploaded ImageFolder archive or a builtin long-tailed dataset")
+async def create_dataset(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+                         _: ApiKey) -> DatasetPublic:
+    content_type = media_type(request)
+    if content_type == "application/json":
+        body = await parse_json(request, BuiltinDatasetCreate, "builtin dataset request")
+        row = service.create_builtin(session, settings, body)
+    elif content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=10)
+        archive = form.get("archive")
+        if not isinstance(archive, UploadFile):
+            raise InvalidInput("multipart body needs a file field named 'archive'")
+        name = str(form.get("name") or Path(archive.filename or "upload").name.split(".")[0])[:200]
+        try:
+            image_size = int(form.get("image_size") or 32)
+        except ValueError as exc:
+            raise InvalidInput("image_size must be an integer") from exc
+        if not 8 <= image_size <= 512:
+            raise InvalidInput("image_size must be between 8 and 512")
+        with tempfile.TemporaryDirectory(dir=_scratch_root(settings)) as tmp:
+            upload_path = Path(tmp) / "upload"
+            await _spool_upload(archive, upload_path, settings.max_upload_bytes)
+            row = service.create_from_archive(session, settings, upload_path, name, image_size)
+        try:
+            session.commit()
+        except BaseException:
+            shutil.rmtree(service.dataset_dir(settings, row.id), ignore_errors=True)
+            raise
+    else:
+        raise UnsupportedMediaType(
+            f"send application/json (a builtin dataset) or multipart/form-data (an archive), not {content_type!r}")
+    response.headers["Location"] = f"/v1/datasets/{row.id}"
+    return service.to_public(row)
+
+
+def _scratch_root(settings) -> Path:
+    root = settings.artifact_dir / "uploads"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(session: SessionDep, _: ApiKey, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                  offset: Annotated[int, Query(ge=0)] = 0) -> DatasetsPublic:
+    rows, total = service.list_datasets(session, limit, offset)
+    return DatasetsPublic(data=[service.to_public(r) for r in rows], count=total)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(dataset_id: str, session: SessionDep, _: ApiKey) -> DatasetPublic:
+    return service.to_public(service.get(session, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey) -> Response:
+    folder = service.delete(session, settings, dataset_id)
+    session.commit()
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,96 @@
+"""Dataset use cases. Take the session, never commit: the request is the unit of work."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models.contract.catalog import describe_builtin
+from models.contract.config import BuiltinDataset, FolderDataset
+from models.contract.metrics import class_groups
+from service.api.datasets.archive import ArchiveLimits, extract_image_folder
+from service.api.datasets.schemas import BuiltinDatasetCreate, DatasetPublic
+from service.api.errors import InvalidInput, ResourceConflict, ResourceNotFound
+from service.store.orm import DatasetRow, RunRow
+from service.store.settings import Settings
+
+
+def to_public(row: DatasetRow) -> DatasetPublic:
+    return DatasetPublic(
+        id=row.id, name=row.name, kind=row.kind, spec=row.spec, num_classes=len(row.class_names),
+        class_names=row.class_names, train_counts=row.train_counts, test_counts=row.test_counts,
+        groups=class_groups(row.train_counts), image_size=row.image_size, created_at=row.created_at,
+    )
+
+
+def dataset_dir(settings: Settings, dataset_id: str) -> Path:
+    return settings.artifact_dir / "datasets" / dataset_id
+
+
+def create_builtin(session: Session, settings: Settings, body: BuiltinDatasetCreate) -> DatasetRow:
+    spec = BuiltinDataset.model_validate(body.model_dump(exclude={"name"}))
+    try:
+        summary = describe_builtin(spec, settings.data_root)
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"{spec.builtin} is not available on this server: {exc}") from exc
+    name = body.name or f"{spec.builtin}-lt-{spec.profile}-if{spec.imbalance_factor:g}"
+    row = DatasetRow(name=name, kind="builtin", spec=spec.model_dump(mode="json"),
+                     class_names=list(summary.class_names), train_counts=list(summary.train_counts),
+                     test_counts=list(summary.test_counts), image_size=summary.image_size)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def create_from_archive(
+    session: Session, settings: Settings, archive_path: Path, name: str, image_size: int
+) -> DatasetRow:
+    """Check and extract into a scratch folder, then move it into place; nothing stays on failure."""
+    dataset_id = str(uuid.uuid4())
+    root = settings.artifact_dir / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = root / f".incoming-{dataset_id}"
+    final = dataset_dir(settings, dataset_id)
+    try:
+        limits = ArchiveLimits(settings.max_archive_members, settings.max_archive_bytes, settings.max_image_pixels)
+        summary = extract_image_folder(archive_path, scratch, limits)
+        scratch.rename(final)
+        spec = FolderDataset(folder=str(final.resolve()), image_size=image_size)
+        row = DatasetRow(id=dataset_id, name=name, kind="archive", spec=spec.model_dump(mode="json"),
+                         class_names=list(summary.class_names), train_counts=list(summary.train_counts),
+                         test_counts=list(summary.test_counts), image_size=image_size)
+        session.add(row)
+        session.flush()
+        return row
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+
+
+def get(session: Session, dataset_id: str) -> DatasetRow:
+    row = session.get(DatasetRow, dataset_id)
+    if row is None:
+        raise ResourceNotFound(f"dataset {dataset_id} not found")
+    return row
+
+
+def list_datasets(session: Session, limit: int, offset: int) -> tuple[list[DatasetRow], int]:
+    total = session.scalar(select(func.count()).select_from(DatasetRow)) or 0
+    rows = session.scalars(select(DatasetRow).order_by(DatasetRow.created_at.desc()).limit(limit).offset(offset))
+    return list(rows), total
+
+
+def delete(session: Session, settings: Settings, dataset_id: str) -> Path | None:
+    """Delete the row; returns the folder to remove once the deletion is committed."""
+    row = get(session, dataset_id)
+    runs = session.scalar(select(func.count()).select_from(RunRow).where(RunRow.dataset_id == dataset_id))
+    if runs:
+        raise ResourceConflict(f"dataset {dataset_id} is used by {runs} run(s)")
+    session.delete(row)
+    session.flush()
+    return dataset_dir(settings, dataset_id) if row.kind == "archive" else None

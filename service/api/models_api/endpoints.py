@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import UploadFile
+
+from models.contract.onnx_model import decode_image
+from service.api.auth import ApiKey
+from service.api.bodies import media_type, parse_json
+from service.api.deps import SessionDep, SettingsDep
+from service.api.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.api.models_api import service
+from service.api.models_api.schemas import CalibrationPublic, ModelPublic, ModelsPublic, PredictJSON, PredictResponse
+from service.store.db import session_scope
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": PredictJSON.model_json_schema()},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["images"],
+                "properties": {
+                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "top_k": {"type": "integer", "minimum": 1, "default": 5},
+                },
+            }},
+        },
+    }
+}
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(session: SessionDep, _: ApiKey, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                offset: Annotated[int, Query(ge=0)] = 0) -> ModelsPublic:
+    rows, total = service.list_models(session, limit, offset)
+    return ModelsPublic(data=[service.to_public(m, r) for m, r in rows], count=total)
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def get_model(model_id: str, session: SessionDep, _: ApiKey) -> ModelPublic:
+    return service.to_public(*service.get(session, model_id))
+
+
+@router.get("/{model_id}/onnx", response_class=FileResponse, summary="Download the ONNX file",
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def download_onnx(model_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey) -> FileResponse:
+    row, _run = service.get(session, model_id)
+    return FileResponse(settings.artifact_dir / row.onnx_path, media_type="application/octet-stream",
+                        filename=f"h2t-{model_id}.onnx", headers={"ETag": f'"{row.sha256}"'})
+
+
+@router.get("/{model_id}/calibration", response_model=CalibrationPublic,
+            summary="Accuracy, ECE and reliability bins overall and per group, on the test split")
+def get_calibration(model_id: str, session: SessionDep, _: ApiKey) -> CalibrationPublic:
+    row, _run = service.get(session, model_id)
+    return CalibrationPublic(model_id=model_id, top1=row.calibration["top1"], groups=row.calibration["groups"])
+
+
+async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
+    content_type = media_type(request)
+    if content_type == "application/json":
+        body = await parse_json(request, PredictJSON, "predict request")
+        if len(body.images) > settings.predict_max_images:
+            raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request")
+        blobs = []
+        for i, text in enumerate(body.images):
+            if len(text) > settings.predict_max_image_bytes * 4 // 3 + 4:
+                raise PayloadTooLarge(f"image {i} is larger than {settings.predict_max_image_bytes} bytes")
+            try:
+                blobs.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidInput(f"image {i} is not valid base64") from exc
+        return blobs, body.top_k
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=settings.predict_max_images + 1, max_fields=10)
+        files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+        if not files:
+            raise InvalidInput("multipart body needs one or more files named 'images'")
+        if len(files) > settings.predict_max_images:
+            raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request")
+        try:
+            top_k = int(form.get("top_k") or 5)
+        except ValueError as exc:
+            raise InvalidInput("top_k must be an integer") from exc
+        if top_k < 1:
+            raise InvalidInput("top_k must be at least 1")
+        blobs = []
+        for i, upload in enumerate(files):
+            data = await upload.read(settings.predict_max_image_bytes + 1)
+            if len(data) > settings.predict_max_image_bytes:
+                raise PayloadTooLarge(f"image {i} is larger than {settings.predict_max_image_bytes} bytes")
+            blobs.append(data)
+        return blobs, top_k
+    raise UnsupportedMediaType(f"send multipart/form-data or application/json, not {content_type!r}")
+
+
+def _decode_all(blobs: list[bytes], image_size: int, max_pixels: int) -> np.ndarray:
+    images = []
+    for i, data in enumerate(blobs):
+        try:
+            images.append(decode_image(data, image_size, max_pixels))
+        except ValueError as exc:
+            raise InvalidInput(f"image {i}: {exc}") from exc
+    return np.stack(images)
+
+
+@router.post("/{model_id}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY,
+             summary="Top-k classes per image, with the predicted class's group and that group's calibration")
+async def predict(model_id: str, request: Request, _: ApiKey) -> JSONResponse:
+    # the hot path: a cached model needs no database session; the response is built as plain JSON
+    settings = request.app.state.settings
+
+    def lookup(key: str) -> service.ServingRecord:
+        with session_scope(settings.database_url) as session:
+            return service.serving_record(session, key)
+
+    loaded = await request.app.state.models.get(model_id, lookup, settings.artifact_dir)
+    blobs, top_k = await _read_images(request, settings)
+    images = await asyncio.to_thread(_decode_all, blobs, loaded.spec.image_size, settings.max_image_pixels)
+    probs = await loaded.probabilities(images)
+    metrics = request.app.state.metrics
+    metrics.predicted_images.inc(len(images))
+    if loaded.batcher is None:
+        metrics.predict_batch_size.observe(len(images))
+    return JSONResponse({"model_id": model_id, "predictions": service.predictions(probs, loaded.record, top_k)})

@@ -1,0 +1,152 @@
+"""Loaded models for serving: a bounded cache of onnxruntime sessions, each with a micro-batcher
+that combines concurrent requests into one inference call with a bounded wait."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.contract.onnx_model import ModelSpec, load_session, run_probabilities, session_spec, sha256_file
+from service.api.errors import ResourceConflict
+from service.api.models_api.service import ServingRecord
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future
+
+
+@dataclass
+class Batcher:
+    """Concurrent `submit`s are answered by one call of `infer` on their concatenated images.
+
+    After the first request arrives, it takes whatever else is queued, then waits at most
+    `max_wait_s` for more until `max_images` are collected; requests never split.
+    """
+
+    infer: Callable[[np.ndarray], np.ndarray]
+    max_images: int
+    max_wait_s: float
+    on_batch: Callable[[int], None] = lambda size: None
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    _task: asyncio.Task | None = None
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._serve())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(images, future))
+        return await future
+
+    async def _collect(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        count = len(batch[0].images)
+        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        while count < self.max_images:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            batch.append(item)
+            count += len(item.images)
+        return batch
+
+    async def _serve(self) -> None:
+        while True:
+            batch = await self._collect()
+            images = np.concatenate([p.images for p in batch])
+            self.on_batch(len(images))
+            try:
+                probs = await asyncio.to_thread(self.infer, images)
+            except Exception as exc:  # every waiting request gets the error
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            start = 0
+            for pending in batch:
+                end = start + len(pending.images)
+                if not pending.future.done():
+                    pending.future.set_result(probs[start:end])
+                start = end
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+@dataclass
+class LoadedModel:
+    record: ServingRecord
+    spec: ModelSpec
+    session: object
+    batcher: Batcher | None
+
+    async def probabilities(self, images: np.ndarray) -> np.ndarray:
+        if self.batcher is not None:
+            return await self.batcher.submit(images)
+        return await asyncio.to_thread(run_probabilities, self.session, images)
+
+
+@dataclass
+class ModelCache:
+    """At most `capacity` loaded models, least recently used evicted first."""
+
+    capacity: int
+    batching: bool
+    max_batch_images: int
+    max_wait_s: float
+    on_batch: Callable[[int], None] = lambda size: None
+    _models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def get(self, model_id: str, lookup: Callable[[str], ServingRecord], artifact_dir: Path) -> LoadedModel:
+        """The loaded model, from the cache or loaded now; `lookup` reads its record from the store
+        (and raises the 404/409 of unknown or unfinished models)."""
+        loaded = self._models.get(model_id)
+        if loaded is not None:  # the hot path: no lock, no database
+            self._models.move_to_end(model_id)
+            return loaded
+        async with self._lock:
+            if model_id in self._models:
+                return self._models[model_id]
+            record = await asyncio.to_thread(lookup, model_id)
+            session = await asyncio.to_thread(self._load, artifact_dir / record.onnx_path, record.sha256)
+            batcher = Batcher(lambda x: run_probabilities(session, x, batch_size=max(len(x), 1)),
+                              self.max_batch_images, self.max_wait_s, self.on_batch) if self.batching else None
+            loaded = LoadedModel(record, session_spec(session), session, batcher)
+            self._models[model_id] = loaded
+            while len(self._models) > self.capacity:
+                _, evicted = self._models.popitem(last=False)
+                if evicted.batcher is not None:
+                    await evicted.batcher.close()
+            return loaded
+
+    @staticmethod
+    def _load(path: Path, sha256: str):
+        if not path.exists():
+            raise ResourceConflict(f"the model file {path.name} is missing from the artifact store")
+        if sha256_file(path) != sha256:
+            raise ResourceConflict(f"the model file {path.name} does not match its recorded sha256")
+        return load_session(path)
+
+    async def close(self) -> None:
+        for loaded in self._models.values():
+            if loaded.batcher is not None:
+                await loaded.batcher.close()
+        self._models.clear()

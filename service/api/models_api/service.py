@@ -1,0 +1,83 @@
+"""Model use cases: lookup (a model's id is its run's id), listing, and shaping predictions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.api.errors import ResourceConflict, ResourceNotFound
+from service.api.models_api.schemas import GroupCalibration, ModelPublic, Parity
+from service.store.orm import ModelRow, RunRow
+
+
+def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow]:
+    row = session.get(ModelRow, model_id)
+    if row is None:
+        run = session.get(RunRow, model_id)
+        if run is None:
+            raise ResourceNotFound(f"model {model_id} not found")
+        raise ResourceConflict(f"run {model_id} is {run.status}: it has no exported model yet")
+    return row, session.get(RunRow, model_id)
+
+
+def to_public(row: ModelRow, run: RunRow) -> ModelPublic:
+    return ModelPublic(
+        id=row.run_id, run_id=row.run_id, dataset_id=run.dataset_id, num_classes=len(row.class_names),
+        class_names=row.class_names, groups=row.groups, input=row.input_spec, onnx_sha256=row.sha256,
+        size_bytes=row.size_bytes, parity=Parity(max_abs_diff=row.parity_max_abs_diff, images=row.parity_images),
+        calibration={name: GroupCalibration(**{k: g[k] for k in ("n", "accuracy", "ece")})
+                     for name, g in row.calibration["groups"].items()},
+        created_at=row.created_at,
+    )
+
+
+def list_models(session: Session, limit: int, offset: int) -> tuple[list[tuple[ModelRow, RunRow]], int]:
+    total = session.scalar(select(func.count()).select_from(ModelRow)) or 0
+    rows = session.execute(select(ModelRow, RunRow).join(RunRow, RunRow.id == ModelRow.run_id)
+                           .order_by(ModelRow.created_at.desc()).limit(limit).offset(offset)).all()
+    return [(m, r) for m, r in rows], total
+
+
+@dataclass(frozen=True)
+class ServingRecord:
+    """What predict needs of a model, read once from the store and kept with the loaded session
+    (a model never changes after its run succeeded)."""
+
+    model_id: str
+    onnx_path: str
+    sha256: str
+    class_names: tuple[str, ...]
+    groups: tuple[str, ...]
+    group_calibration: dict[str, dict[str, float]]  # group -> n, accuracy, ece
+
+    @classmethod
+    def from_row(cls, row: ModelRow) -> ServingRecord:
+        return cls(row.run_id, row.onnx_path, row.sha256, tuple(row.class_names), tuple(row.groups),
+                   {name: {k: g[k] for k in ("n", "accuracy", "ece")} for name, g in row.calibration["groups"].items()})
+
+
+def serving_record(session: Session, model_id: str) -> ServingRecord:
+    row, _run = get(session, model_id)
+    return ServingRecord.from_row(row)
+
+
+def predictions(probs: np.ndarray, record: ServingRecord, top_k: int) -> list[dict]:
+    """Top-k classes per image, and the predicted class's group with that group's test calibration
+    (shaped as schemas.Prediction)."""
+    k = min(top_k, probs.shape[1])
+    out = []
+    for index, p in enumerate(probs):
+        order = np.argsort(-p, kind="stable")[:k]
+        best = int(order[0])
+        group = record.groups[best]
+        out.append({
+            "index": index,
+            "top_k": [{"class_index": int(c), "label": record.class_names[c], "probability": float(p[c])}
+                      for c in order],
+            "predicted": {"class_index": best, "label": record.class_names[best], "probability": float(p[best]),
+                          "group": group, "group_calibration": record.group_calibration[group]},
+        })
+    return out

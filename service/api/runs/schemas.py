@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from models.contract.config import RunConfig
+from service.store.orm import RunStatus
+
+
+class RunCreate(RunConfig):
+    """POST /v1/runs: the run config (defaults: the paper's CIFAR recipe) plus what it runs on."""
+
+    dataset_id: str = Field(min_length=1, max_length=36)
+    stage1_from: str | None = Field(None, max_length=36, description="reuse this succeeded run's stage-1 checkpoint")
+
+
+class MetricPublic(BaseModel):
+    stage: int
+    epoch: int
+    loss: float
+    lr: float
+    top1: float
+    many: float
+    medium: float
+    few: float
+    ece: float
+    ece_many: float
+    ece_medium: float
+    ece_few: float
+    train_seconds: float
+    images_per_second: float
+    created_at: datetime
+
+
+class RunPublic(BaseModel):
+    id: str
+    dataset_id: str
+    stage1_from: str | None
+    config: RunConfig
+    status: RunStatus
+    stage: int | None = Field(description="1 or 2 while running; the last stage reached afterwards")
+    epoch: int = Field(description="epochs finished in the current stage")
+    total_epochs: int | None = Field(description="epochs of the current stage")
+    latest_metrics: MetricPublic | None
+    model_id: str | None = Field(description="the exported model, once the run succeeded: GET /v1/models/{id}")
+    error: str | None
+    attempts: int
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+class RunsPublic(BaseModel):
+    data: list[RunPublic]
+    count: int
+
+
+class MetricsPublic(BaseModel):
+    data: list[MetricPublic]
+    count: int

@@ -1,0 +1,141 @@
+"""The SQL store, shared by the API and the workers. Change it only through an Alembic migration."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class RunStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+
+TERMINAL = (RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled)
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))  # "builtin" or "archive"
+    spec: Mapped[dict] = mapped_column(JSON)  # a models.contract.config DatasetConfig, as JSON
+    class_names: Mapped[list] = mapped_column(JSON)
+    train_counts: Mapped[list] = mapped_column(JSON)
+    test_counts: Mapped[list] = mapped_column(JSON)
+    image_size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
+    stage1_from: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="RESTRICT"))
+    config: Mapped[dict] = mapped_column(JSON)  # a models.contract.config RunConfig, as JSON
+    status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, name="run_status", native_enum=False, length=16),
+                                              default=RunStatus.queued, index=True)
+    stage: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)  # epochs finished in the current stage
+    total_epochs: Mapped[int | None] = mapped_column(Integer)  # of the current stage
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # times a worker claimed it
+    claim_token: Mapped[str | None] = mapped_column(String(36))  # the current claim; stale workers lose it
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    metrics: Mapped[list[MetricRow]] = relationship(
+        back_populates="run", order_by=lambda: (MetricRow.stage, MetricRow.epoch), cascade="all, delete-orphan")
+
+
+class MetricRow(Base):
+    """One row per run, stage and epoch: an epoch replayed after a crash overwrites its row."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (UniqueConstraint("run_id", "stage", "epoch", name="uq_metrics_run_stage_epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float] = mapped_column(Float)
+    lr: Mapped[float] = mapped_column(Float)
+    top1: Mapped[float] = mapped_column(Float)
+    many: Mapped[float] = mapped_column(Float)
+    medium: Mapped[float] = mapped_column(Float)
+    few: Mapped[float] = mapped_column(Float)
+    ece: Mapped[float] = mapped_column(Float)
+    ece_many: Mapped[float] = mapped_column(Float)
+    ece_medium: Mapped[float] = mapped_column(Float)
+    ece_few: Mapped[float] = mapped_column(Float)
+    train_seconds: Mapped[float] = mapped_column(Float)
+    images_per_second: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    run: Mapped[RunRow] = relationship(back_populates="metrics")
+
+
+class ArtifactRow(Base):
+    """A file a run produced (checkpoints, the ONNX model), relative to the artifact dir."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("run_id", "kind", name="uq_artifacts_run_kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(String(500))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelRow(Base):
+    """The exported classifier of a succeeded run; its id is the run's id."""
+
+    __tablename__ = "models"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    onnx_path: Mapped[str] = mapped_column(String(500))  # relative to the artifact dir
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    parity_max_abs_diff: Mapped[float] = mapped_column(Float)
+    parity_images: Mapped[int] = mapped_column(Integer)
+    input_spec: Mapped[dict] = mapped_column(JSON)
+    class_names: Mapped[list] = mapped_column(JSON)
+    groups: Mapped[list] = mapped_column(JSON)
+    calibration: Mapped[dict] = mapped_column(JSON)  # overall/many/medium/few: n, accuracy, ece, bins
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,31 @@
+"""The Celery app and the one task contract between API and workers: `h2t.train_run(run_id)`."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.store.settings import Settings
+
+TRAIN_TASK = "h2t.train_run"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("h2t", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_ignore_result=True,  # progress and results live in the SQL store
+        task_acks_late=True,  # a task whose worker dies is delivered again ...
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # ... and a busy worker holds no second long job
+        task_default_queue=settings.queue_name,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # an unacknowledged task (its worker died) is delivered again after this long; the stale-run
+        # sweep usually requeues it much sooner
+        app.conf.broker_transport_options = {"visibility_timeout": 2 * 3600}
+    return app
+
+
+def enqueue_training(app: Celery, settings: Settings, run_id: str) -> None:
+    app.send_task(TRAIN_TASK, args=[run_id], queue=settings.queue_name)
