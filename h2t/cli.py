@@ -78,7 +78,7 @@ def train_command(args: argparse.Namespace) -> int:
     log = MetricsLog(out / "metrics.jsonl")
 
     def on_epoch(m) -> None:
-        log.write(m.to_dict())
+        log.write(m.model_dump())
         print(epoch_line(m), flush=True)
 
     started = time.perf_counter()
@@ -89,9 +89,9 @@ def train_command(args: argparse.Namespace) -> int:
         "dataset": dataset.name, "train_images": len(dataset.train), "test_images": len(dataset.test),
         "train_counts": counts, "groups": result.groups, "device": str(device),
         "config": config.model_dump(mode="json"), "stage1_from": args.stage1_from,
-        "stage1_last": result.stage1[-1].to_dict() if result.stage1 else None,
-        "stage2_last": result.stage2[-1].to_dict(),
-        "report": result.report.to_dict(), "wall_seconds": time.perf_counter() - started,
+        "stage1_last": result.stage1[-1].model_dump() if result.stage1 else None,
+        "stage2_last": result.stage2[-1].model_dump(),
+        "report": result.report.model_dump(), "wall_seconds": time.perf_counter() - started,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\nlast epoch of stage 2 on the test split:")

@@ -121,7 +121,7 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
         if beat.lost.is_set():
             raise ClaimLost
         with session_scope(settings.database_url) as session:
-            status = runs.record_epoch(session, run_id, token, m.to_dict())
+            status = runs.record_epoch(session, run_id, token, m.model_dump())
             if status is None:
                 raise ClaimLost
             if m.stage == 1 and m.epoch == m.epochs:

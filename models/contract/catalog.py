@@ -21,6 +21,9 @@ CIFAR_LAYOUT = {
 }
 CIFAR_TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500}
 
+# the file suffixes read as images in ImageFolder trees and uploaded archives
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
 # The embedded demo dataset: scikit-learn's 1,797 real 8x8 handwritten digits (UCI), which ship inside
 # the scikit-learn wheel, so no download is ever needed. 30 test images per class; the rest feed a
 # long-tailed training split with up to DIGITS_N_MAX images per class, upsampled to DIGITS_SIZE.

@@ -6,9 +6,10 @@ these very classes), so this module must not import torch.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from pathlib import PurePosixPath
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 BuiltinName = Literal["cifar10", "cifar100", "digits"]
 BackboneName = Literal["resnet32", "resnet18", "resnet34", "resnet50"]
@@ -22,20 +23,61 @@ class _Frozen(BaseModel):
 class BuiltinDataset(_Frozen):
     """A long-tailed subset of a builtin balanced dataset (CIFAR-LT style)."""
 
+    kind: ClassVar[str] = "builtin"
+
     builtin: BuiltinName
     imbalance_factor: float = Field(0.01, gt=0, le=1, description="n_min / n_max, e.g. 0.01 for IR 100")
     profile: Literal["exp", "step"] = "exp"
     sampling_seed: int = Field(0, ge=0, description="seed of the per-class subsampling (0 as in the paper)")
 
 
+ImageSize = Annotated[int, Field(ge=8, le=512, description="images are resized to this square size")]
+
+
 class FolderDataset(_Frozen):
     """An ImageFolder tree `root/train/<class>/*` and `root/test/<class>/*`, used as it is."""
 
+    kind: ClassVar[str] = "folder"
+
     folder: str = Field(min_length=1)
-    image_size: int = Field(32, ge=8, le=512, description="images are resized to this square size")
+    image_size: ImageSize = 32
 
 
-DatasetConfig = BuiltinDataset | FolderDataset
+class ArchiveDataset(_Frozen):
+    """An uploaded ImageFolder archive, extracted into the artifact store by the API."""
+
+    kind: ClassVar[str] = "archive"
+
+    archive: str = Field(min_length=1, max_length=500, pattern=r"^[^/\\]", description="its folder, relative to the artifact store")
+    image_size: ImageSize = 32
+
+    @field_validator("archive")
+    @classmethod
+    def _inside_the_store(cls, value: str) -> str:
+        if ".." in PurePosixPath(value).parts:
+            raise ValueError("the archive folder must stay inside the artifact store")
+        return value
+
+
+def _dataset_tag(value: object) -> str | None:
+    """The variant a dataset spec names by its key (a dict from JSON, or a model already built)."""
+    for tag in DATASET_KINDS:
+        if (tag in value) if isinstance(value, dict) else hasattr(value, tag):
+            return tag
+    return None
+
+
+DATASET_KINDS = (BuiltinDataset.kind, FolderDataset.kind, ArchiveDataset.kind)
+
+# The one dataset union: its variant is the key a spec names (`{"builtin": ...}`, `{"folder": ...}`,
+# `{"archive": ...}`), read back from the store by DATASET_SPEC and loaded by `models.core.data.load_dataset`.
+DatasetConfig = Annotated[
+    Annotated[BuiltinDataset, Tag("builtin")] | Annotated[FolderDataset, Tag("folder")]
+    | Annotated[ArchiveDataset, Tag("archive")],
+    Discriminator(_dataset_tag, custom_error_type="dataset_kind",
+                  custom_error_message="a dataset names one of 'builtin', 'folder' or 'archive'"),
+]
+DATASET_SPEC: TypeAdapter[BuiltinDataset | FolderDataset | ArchiveDataset] = TypeAdapter(DatasetConfig)
 
 
 class GroupConfig(_Frozen):
@@ -135,4 +177,4 @@ class RunConfig(_Frozen):
 class LocalTrainConfig(RunConfig):
     """The YAML file of `h2t train`: a run plus the dataset it runs on."""
 
-    dataset: Annotated[DatasetConfig, Field(union_mode="left_to_right")]
+    dataset: DatasetConfig

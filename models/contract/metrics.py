@@ -7,47 +7,50 @@ numbers as the trainer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 GROUP_NAMES = ("many", "medium", "few")
 
 
-@dataclass(frozen=True)
-class ReliabilityBin:
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ReliabilityBin(_Record):
     lower: float
     upper: float
     count: int
-    accuracy: float  # 0 where the bin is empty
+    accuracy: float = Field(description="0 where the bin is empty")
     confidence: float
 
 
-@dataclass(frozen=True)
-class GroupReport:
-    n: int
-    accuracy: float  # fraction in [0, 1]
-    ece: float  # fraction in [0, 1]
+class GroupSummary(_Record):
+    n: int = Field(description="evaluation images whose true class is in the group")
+    accuracy: float = Field(description="mean per-class accuracy over the group's classes, fraction")
+    ece: float = Field(description="expected calibration error, 15 equal-width bins, fraction")
+
+
+class GroupReport(GroupSummary):
     bins: tuple[ReliabilityBin, ...]
 
 
-@dataclass(frozen=True)
-class EvaluationReport:
-    top1: float  # sample accuracy over the whole evaluation set
-    groups: dict[str, GroupReport]  # "overall", "many", "medium", "few"
-
-    def to_dict(self) -> dict:
-        return {"top1": self.top1, "groups": {k: asdict(v) for k, v in self.groups.items()}}
+class EvaluationReport(_Record):
+    top1: float = Field(description="sample accuracy over the whole evaluation set")
+    groups: dict[str, GroupReport] = Field(description="overall, many, medium, few")
 
 
-@dataclass(frozen=True)
-class EpochMetrics:
+class EpochMetrics(_Record):
+    """One epoch of one stage as the trainer measured it: the record stored per (run, stage, epoch)
+    and served by the API. A field added here reaches the store and the API unchanged."""
+
     stage: int
-    epoch: int  # 1-based
-    epochs: int
-    loss: float  # mean training loss over the epoch
+    epoch: int = Field(description="1-based")
+    epochs: int = Field(description="epochs of this stage")
+    loss: float = Field(description="mean training loss over the epoch")
     lr: float
-    top1: float  # on the evaluation split, fractions in [0, 1]
+    top1: float = Field(description="on the evaluation split; accuracies and ECE are fractions in [0, 1]")
     many: float
     medium: float
     few: float
@@ -57,14 +60,6 @@ class EpochMetrics:
     ece_few: float
     train_seconds: float
     images_per_second: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def measured_fields(cls) -> tuple[str, ...]:
-        """The per-epoch measurements, without the (stage, epoch, epochs) key."""
-        return tuple(f.name for f in fields(cls) if f.name not in ("stage", "epoch", "epochs"))
 
 
 def reliability_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> tuple[ReliabilityBin, ...]:

@@ -13,6 +13,7 @@ from models.contract.catalog import (
     DIGITS_N_MAX,
     DIGITS_SIZE,
     DIGITS_TEST_PER_CLASS,
+    IMAGE_SUFFIXES,
     cifar_available,
     cifar_folder,
     long_tailed_counts,
@@ -20,8 +21,6 @@ from models.contract.catalog import (
     unpickle,
 )
 from models.contract.config import BuiltinDataset, DatasetConfig, FolderDataset
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # The official H2T code normalises both CIFARs with these statistics.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

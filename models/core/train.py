@@ -315,7 +315,7 @@ def run_stage(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "history": [m.to_dict() for m in history],
+            "history": [m.model_dump() for m in history],
             "meta": {"backbone": config.backbone, "num_classes": dataset.num_classes, "dataset": dataset.name,
                      "stage": stage, "epochs": stage_config.epochs},
         }, checkpoint_path)

@@ -107,7 +107,7 @@ def test_stored_calibration_equals_an_independent_recomputation_from_the_onnx_ou
     independent = evaluate_onnx(session, digits.test.images.numpy(), digits.test.labels.numpy(), model["groups"])
     stored = api.get(f"/v1/models/{model_id}/calibration").json()
     assert stored["top1"] == pytest.approx(independent.top1)
-    for name, group in independent.to_dict()["groups"].items():
+    for name, group in independent.model_dump()["groups"].items():
         assert stored["groups"][name]["n"] == group["n"]
         assert stored["groups"][name]["accuracy"] == pytest.approx(group["accuracy"])
         assert stored["groups"][name]["ece"] == pytest.approx(group["ece"])

@@ -97,7 +97,7 @@ def test_calibration_of_the_served_artifact_matches_the_torch_model(digits, trai
     again = evaluate_onnx(
         load_session(served.export.path), digits.test.images.numpy(), digits.test.labels.numpy(), trained.groups
     )
-    assert again.to_dict() == served.calibration
+    assert again.model_dump() == served.calibration
 
 
 def _png(array: np.ndarray) -> bytes:

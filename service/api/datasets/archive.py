@@ -19,9 +19,9 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from models.contract.catalog import IMAGE_SUFFIXES
 from service.api.errors import InvalidInput, PayloadTooLarge
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IGNORED_PARTS = ("__MACOSX",)  # metadata folders added by archivers
 
 
