@@ -48,7 +48,8 @@ class ArchiveDataset(_Frozen):
 
     kind: ClassVar[str] = "archive"
 
-    archive: str = Field(min_length=1, max_length=500, pattern=r"^[^/\\]", description="its folder, relative to the artifact store")
+    archive: str = Field(min_length=1, max_length=500, pattern=r"^[^/\\]",
+                         description="its folder, relative to the artifact store")
     image_size: ImageSize = 32
 
     @field_validator("archive")
