@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import torch
 
+from models.contract.metrics import EvaluationReport
 from models.contract.onnx_model import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -81,7 +82,7 @@ PARITY_IMAGES = 256
 class ServedModel:
     export: ExportResult
     spec: ModelSpec
-    calibration: dict  # EvaluationReport.model_dump() of the ONNX model on the test split
+    calibration: EvaluationReport  # of the ONNX model itself on the test split
 
 
 def export_and_calibrate(model: ImageClassifier, dataset, groups: list[str], path: Path) -> ServedModel:
@@ -94,4 +95,4 @@ def export_and_calibrate(model: ImageClassifier, dataset, groups: list[str], pat
     test_images = dataset.test.images.numpy()
     result = export_onnx(model, spec, path, test_images[:PARITY_IMAGES])
     report = evaluate_onnx(load_session(path), test_images, dataset.test.labels.numpy(), groups)
-    return ServedModel(result, spec, report.model_dump())
+    return ServedModel(result, spec, report)
