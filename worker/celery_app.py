@@ -22,27 +22,27 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def build_worker_app(settings: Settings) -> Celery:
+def build_worker_app(settings: Settings, stop: threading.Event) -> Celery:
+    """The Celery app with the training task; `stop` asks a running training to stop after its next
+    checkpoint (set on SIGTERM)."""
     from worker.runner import train_run
 
     app = make_celery(settings)
 
     @app.task(name=TRAIN_TASK)
     def train_run_task(run_id: str) -> str:
-        return train_run(run_id, settings, worker_name(), lambda rid: enqueue_training(app, settings, rid))
+        return train_run(run_id, settings, worker_name(), stop, lambda rid: enqueue_training(app, settings, rid))
 
     return app
 
 
-def _stop_after_checkpoint_on_sigterm() -> None:
+def _stop_after_checkpoint_on_sigterm(stop: threading.Event) -> None:
     """Celery's warm shutdown waits for the running task, which may train for hours: also ask the
     training to stop after its next checkpoint; the run is then requeued for another worker."""
-    from worker.runner import STOP_REQUESTED
-
     celery_handler = signal.getsignal(signal.SIGTERM)
 
     def handler(signum: int, frame: object) -> None:
-        STOP_REQUESTED.set()
+        stop.set()
         if callable(celery_handler):
             celery_handler(signum, frame)
 
@@ -61,11 +61,12 @@ def _sweep_periodically(settings: Settings, app: Celery) -> None:
 
 def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     settings.ensure_local_dirs()
-    app = build_worker_app(settings)
+    stop = threading.Event()
+    app = build_worker_app(settings, stop)
 
     @worker_ready.connect(weak=False)
     def _on_ready(**_: object) -> None:
-        _stop_after_checkpoint_on_sigterm()
+        _stop_after_checkpoint_on_sigterm(stop)
         try:
             sweep_once(settings, app)
         except Exception:

@@ -1,10 +1,11 @@
 """Train one run: claim it, train through models.core.train with a callback that writes each epoch's
-metrics row and checks for cancellation, record artifacts, finish. Idempotent: a redelivered task
-finds the run claimed (and skips) or stale (and resumes from the last checkpoint)."""
+metrics row and checks for cancellation, export, and record the outcome, all through the run state
+machine of service.store.runs. Idempotent: a redelivered task finds the run claimed (and skips) or
+stale (and resumes from the last checkpoint)."""
 
 from __future__ import annotations
 
-import json
+import enum
 import logging
 import threading
 import traceback
@@ -13,14 +14,28 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from models.contract.config import BuiltinDataset, DatasetConfig, FolderDataset, RunConfig
+from models.contract.config import RunConfig
+from models.contract.layout import ONNX_KIND, STAGES, ArtifactLayout, RunFolder, checkpoint_kind
+from models.contract.metrics import EpochMetrics
 from models.contract.onnx_model import sha256_file
-from service.api.runs import service as runs
+from service.store import runs
 from service.store.db import session_scope
-from service.store.orm import ArtifactRow, DatasetRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.orm import DatasetRow, RunRow, RunStatus, utcnow
+from service.store.runs import ExportedModel, StoredFile
 from service.store.settings import Settings
 
 log = logging.getLogger("h2t.worker")
+
+
+class Outcome(enum.StrEnum):
+    """What one delivery of a training task did."""
+
+    skipped = "skipped"  # another worker holds the run, or it is finished or cancelled
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    requeued = "requeued"  # this worker is stopping: checkpointed and sent back to the queue
+    lost = "lost"  # another worker took the run over; nothing was written
 
 
 class ExportFailed(Exception):
@@ -29,10 +44,6 @@ class ExportFailed(Exception):
 
 class ClaimLost(Exception):
     """Another worker took the run over (this one was declared dead); stop without writing."""
-
-
-def run_dir(settings: Settings, run_id: str) -> Path:
-    return settings.artifact_dir / "runs" / run_id
 
 
 class Heartbeat(threading.Thread):
@@ -55,33 +66,19 @@ class Heartbeat(threading.Thread):
                 log.exception("heartbeat failed", extra={"run_id": self.run_id})
 
 
-def _checkpoint_artifacts(settings: Settings, out_dir: Path) -> list[tuple[str, str, int, str]]:
-    """(kind, path relative to the artifact dir, size, sha256) of the run's stage checkpoints."""
-    found = []
-    for stage in ("stage1", "stage2"):
-        path = out_dir / stage / "checkpoint.pt"
-        if path.exists():
-            found.append((f"{stage}_checkpoint", str(path.relative_to(settings.artifact_dir)), path.stat().st_size,
-                          sha256_file(path)))
-    return found
+def _stored(store: ArtifactLayout, kind: str, path: Path) -> StoredFile:
+    return StoredFile(kind, store.relative(path), path.stat().st_size, sha256_file(path))
 
 
-def _upsert_artifact(session, run_id: str, kind: str, path: str, size_bytes: int, sha256: str) -> None:
-    row = session.query(ArtifactRow).filter_by(run_id=run_id, kind=kind).first() or ArtifactRow(
-        run_id=run_id, kind=kind)
-    row.path, row.size_bytes, row.sha256 = path, size_bytes, sha256
-    session.add(row)
+def _checkpoint_files(store: ArtifactLayout, folder: RunFolder) -> list[StoredFile]:
+    return [_stored(store, checkpoint_kind(stage), folder.checkpoint(stage))
+            for stage in STAGES if folder.checkpoint(stage).exists()]
 
 
-STOP_REQUESTED = threading.Event()  # set by the worker's SIGTERM handler: stop after the next checkpoint
-
-
-def train_run(run_id: str, settings: Settings, worker_name: str,
-              requeue: Callable[[str], None] = lambda run_id: None) -> str:
-    """The task body. Returns what happened: skipped, succeeded, cancelled, failed, requeued or lost.
-
-    `requeue` sends the run to the broker again; it is called when this worker stops (SIGTERM)
-    after checkpointing, once the run is back to queued in the store."""
+def train_run(run_id: str, settings: Settings, worker_name: str, stop: threading.Event,
+              requeue: Callable[[str], None] = lambda run_id: None) -> Outcome:
+    """The task body. `stop` is set when this worker must shut down (SIGTERM): training stops after its
+    next checkpoint, the run goes back to queued and `requeue` sends it to the broker again."""
     token = str(uuid.uuid4())
     with session_scope(settings.database_url) as session:
         now = utcnow()
@@ -89,12 +86,10 @@ def train_run(run_id: str, settings: Settings, worker_name: str,
                           now - timedelta(seconds=settings.heartbeat_timeout_s)):
             log.info("run %s is not claimable (taken, finished or cancelled): skipped", run_id,
                      extra={"run_id": run_id})
-            return "skipped"
+            return Outcome.skipped
         run = session.get(RunRow, run_id)
         config = RunConfig.model_validate(run.config)
-        dataset_row = session.get(DatasetRow, run.dataset_id)
-        spec: DatasetConfig = (FolderDataset if dataset_row.kind == "archive" else BuiltinDataset).model_validate(
-            dataset_row.spec)
+        spec = session.get(DatasetRow, run.dataset_id).dataset_spec()
         stage1_from = run.stage1_from
         first_stage = 2 if stage1_from else 1
         runs.set_stage(session, run_id, token, first_stage, 0,
@@ -104,24 +99,24 @@ def train_run(run_id: str, settings: Settings, worker_name: str,
     beat = Heartbeat(settings, run_id, token)
     beat.start()
     try:
-        outcome = _train(run_id, settings, token, config, spec, stage1_from, beat, requeue)
+        outcome = _train(run_id, settings, token, config, spec, stage1_from, beat, stop, requeue)
     finally:
         beat.stopped.set()
     log.info("run %s %s", run_id, outcome, extra={"run_id": run_id})
     return outcome
 
 
-def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec: DatasetConfig,
-           stage1_from: str | None, beat: Heartbeat, requeue: Callable[[str], None]) -> str:
+def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec, stage1_from: str | None,
+           beat: Heartbeat, stop: threading.Event, requeue: Callable[[str], None]) -> Outcome:
     from models.core.data import load_dataset
     from models.core.export import export_and_calibrate
     from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
 
-    def on_epoch(m) -> None:
+    def on_epoch(m: EpochMetrics) -> None:
         if beat.lost.is_set():
             raise ClaimLost
         with session_scope(settings.database_url) as session:
-            status = runs.record_epoch(session, run_id, token, m.model_dump())
+            status = runs.record_epoch(session, run_id, token, m)
             if status is None:
                 raise ClaimLost
             if m.stage == 1 and m.epoch == m.epochs:
@@ -129,54 +124,41 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec:
         if status == RunStatus.cancelling:
             raise TrainingCancelled
 
-    out_dir = run_dir(settings, run_id)
-    served = None
-    artifacts: list[tuple[str, str, int, str]] = []
+    store = ArtifactLayout(settings.artifact_dir)
+    folder = store.run(run_id)
+    exported, files = None, []
     try:
-        dataset = load_dataset(spec, settings.data_root)
-        result = train_two_stage(dataset, config, out_dir, resolve_device(), on_epoch,
-                                 run_dir(settings, stage1_from) if stage1_from else None, STOP_REQUESTED.is_set)
+        dataset = load_dataset(spec, settings.data_root, store)
+        result = train_two_stage(dataset, config, folder, resolve_device(), on_epoch,
+                                 store.run(stage1_from) if stage1_from else None, stop.is_set)
         try:
-            served = export_and_calibrate(result.model, dataset, result.groups, out_dir / "model.onnx")
+            served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx)
         except Exception as exc:
             raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-        artifacts = _checkpoint_artifacts(settings, out_dir)
+        exported = ExportedModel(_stored(store, ONNX_KIND, served.export.path), served.spec,
+                                 served.export.parity_max_abs_diff, served.export.parity_images, served.calibration)
+        files = _checkpoint_files(store, folder)
         status, error = RunStatus.succeeded, None
     except ClaimLost:
-        return "lost"
+        return Outcome.lost
     except TrainingInterrupted as exc:
         with session_scope(settings.database_url) as session:
             send_again = runs.release(session, run_id, token)
         if send_again:
             requeue(run_id)  # after the commit, so the next worker finds it queued
         log.warning("run %s requeued: %s", run_id, exc, extra={"run_id": run_id})
-        return "requeued"
+        return Outcome.requeued
     except TrainingCancelled:
         status, error = RunStatus.cancelled, None
     except Exception as exc:  # the run failed, the worker carries on with the next one
         log.error("run %s failed:\n%s", run_id, traceback.format_exc(), extra={"run_id": run_id})
         status, error = RunStatus.failed, str(exc) if isinstance(exc, ExportFailed) else f"{type(exc).__name__}: {exc}"
     with session_scope(settings.database_url) as session:
-        if served is not None and status == RunStatus.succeeded:
-            # the model row and every artifact are committed with the run's success, or not at all
-            _register_model(session, settings, run_id, served)
-            for artifact in artifacts:
-                _upsert_artifact(session, run_id, *artifact)
-        if not runs.finish(session, run_id, token, status, error):
+        if exported is not None:
+            ended = runs.succeed(session, run_id, token, exported, files)
+        else:
+            ended = runs.finish(session, run_id, token, status, error)
+        if not ended:
             session.rollback()
-            return "lost"
-    return status.value
-
-
-def _register_model(session, settings: Settings, run_id: str, served) -> None:
-    """The model row and its ONNX artifact, committed with the run's success."""
-    export = served.export
-    rel = str(export.path.relative_to(settings.artifact_dir))
-    row = session.get(ModelRow, run_id) or ModelRow(run_id=run_id)
-    row.onnx_path, row.sha256, row.size_bytes = rel, export.sha256, export.size_bytes
-    row.parity_max_abs_diff, row.parity_images = export.parity_max_abs_diff, export.parity_images
-    row.input_spec = json.loads(served.spec.to_metadata()["h2t.input"])
-    row.class_names, row.groups = list(served.spec.class_names), list(served.spec.groups)
-    row.calibration = served.calibration
-    session.add(row)
-    _upsert_artifact(session, run_id, "onnx", rel, export.size_bytes, export.sha256)
+            return Outcome.lost
+    return Outcome(status.value)

@@ -31,12 +31,16 @@ class ModelSpec:
     class_names: tuple[str, ...]
     groups: tuple[str, ...]
 
+    def input_description(self) -> dict:
+        """The preprocessing contract a client follows; also served as the model's `input`."""
+        return {"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB", "dtype": "float32",
+                "range": [0.0, 1.0], "height": self.image_size, "width": self.image_size,
+                "resize": "bilinear", "normalisation": "inside the graph",
+                "mean": list(self.mean), "std": list(self.std)}
+
     def to_metadata(self) -> dict[str, str]:
         return {
-            "h2t.input": json.dumps({"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB", "dtype": "float32",
-                                     "range": [0.0, 1.0], "height": self.image_size, "width": self.image_size,
-                                     "resize": "bilinear", "normalisation": "inside the graph",
-                                     "mean": list(self.mean), "std": list(self.std)}),
+            "h2t.input": json.dumps(self.input_description()),
             "h2t.output": json.dumps({"name": OUTPUT_NAME, "kind": "softmax probabilities"}),
             "h2t.class_names": json.dumps(list(self.class_names)),
             "h2t.groups": json.dumps(list(self.groups)),

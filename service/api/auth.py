@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from service.api.errors import Unauthorized
+from service.store.errors import Unauthorized
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of the keys in H2T_API_KEYS")
 

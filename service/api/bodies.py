@@ -1,14 +1,16 @@
-"""Request bodies that are JSON or multipart: the media type, and JSON validated into a schema
-with schema errors turned into the same 422 problem+json as everywhere else."""
+"""Request bodies that are JSON or multipart, validated by pydantic models in both cases, with
+schema errors turned into the same 422 problem+json as everywhere else. Each limit lives in the
+model (or the type it uses), so the JSON path, the multipart path and the OpenAPI agree."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData
 
-from service.api.errors import InvalidInput
+from service.store.errors import InvalidInput
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -17,9 +19,34 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def _invalid(exc: ValidationError, what: str) -> InvalidInput:
+    return InvalidInput(f"invalid {what}", errors=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()])
+
+
 async def parse_json(request: Request, schema: type[Schema], what: str) -> Schema:
     try:
         return schema.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise InvalidInput(f"invalid {what}",
-                           errors=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]) from exc
+        raise _invalid(exc, what) from exc
+
+
+def parse_form_fields(form: FormData, schema: type[Schema], file_fields: tuple[str, ...], what: str) -> Schema:
+    """The non-file fields of a multipart form, validated by `schema` (strings coerced as pydantic does)."""
+    fields = {key: value for key, value in form.multi_items() if key not in file_fields and isinstance(value, str)}
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as exc:
+        raise _invalid(exc, what) from exc
+
+
+def json_or_multipart_body(json_schema: type[BaseModel], form_schema: type[BaseModel],
+                           files: dict[str, dict[str, Any]]) -> dict:
+    """The OpenAPI request body of an endpoint that takes either JSON or a multipart form with files."""
+    form = form_schema.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": json_schema.model_json_schema()},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": [*files, *form.get("required", [])],
+            "properties": {**files, **form["properties"]},
+        }},
+    }}}

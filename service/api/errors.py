@@ -1,4 +1,4 @@
-"""Domain errors raised by services, turned into RFC 9457 problem+json in one place."""
+"""Domain errors (service.store.errors) turned into RFC 9457 problem+json, in one place."""
 
 from __future__ import annotations
 
@@ -10,45 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.store.errors import AppError
+
 PROBLEM_JSON = "application/problem+json"
-
-
-class AppError(Exception):
-    status = 400
-    title = "Bad request"
-
-    def __init__(self, detail: str, **extra: object) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.extra = extra
-
-
-class ResourceNotFound(AppError):
-    status, title = 404, "Not found"
-
-
-class ResourceConflict(AppError):
-    status, title = 409, "Conflict"
-
-
-class InvalidInput(AppError):
-    status, title = 422, "Unprocessable content"
-
-
-class PayloadTooLarge(AppError):
-    status, title = 413, "Content too large"
-
-
-class UnsupportedMediaType(AppError):
-    status, title = 415, "Unsupported media type"
-
-
-class Unauthorized(AppError):
-    status, title = 401, "Unauthorized"
-
-
-class ServiceUnavailable(AppError):
-    status, title = 503, "Service unavailable"
 
 
 def problem(status: int, title: str, detail: str, instance: str, **extra: object) -> JSONResponse:

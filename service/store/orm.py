@@ -9,6 +9,9 @@ from datetime import UTC, datetime
 from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from models.contract.config import DATASET_SPEC, ArchiveDataset, BuiltinDataset, FolderDataset
+from models.contract.metrics import EpochMetrics
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -47,13 +50,15 @@ class DatasetRow(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
-    kind: Mapped[str] = mapped_column(String(16))  # "builtin" or "archive"
-    spec: Mapped[dict] = mapped_column(JSON)  # a models.contract.config DatasetConfig, as JSON
+    spec: Mapped[dict] = mapped_column(JSON)  # a models.contract.config DatasetConfig (tagged by its key)
     class_names: Mapped[list] = mapped_column(JSON)
     train_counts: Mapped[list] = mapped_column(JSON)
     test_counts: Mapped[list] = mapped_column(JSON)
     image_size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def dataset_spec(self) -> BuiltinDataset | FolderDataset | ArchiveDataset:
+        return DATASET_SPEC.validate_python(self.spec)
 
 
 class RunRow(Base):
@@ -82,7 +87,10 @@ class RunRow(Base):
 
 
 class MetricRow(Base):
-    """One row per run, stage and epoch: an epoch replayed after a crash overwrites its row."""
+    """One row per run, stage and epoch: an epoch replayed after a crash overwrites its row.
+
+    `values` is the trainer's EpochMetrics record as one JSON document, so a field added to the
+    record reaches the store and the API without a column of its own."""
 
     __tablename__ = "metrics"
     __table_args__ = (UniqueConstraint("run_id", "stage", "epoch", name="uq_metrics_run_stage_epoch"),)
@@ -91,25 +99,17 @@ class MetricRow(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     stage: Mapped[int] = mapped_column(Integer)
     epoch: Mapped[int] = mapped_column(Integer)
-    loss: Mapped[float] = mapped_column(Float)
-    lr: Mapped[float] = mapped_column(Float)
-    top1: Mapped[float] = mapped_column(Float)
-    many: Mapped[float] = mapped_column(Float)
-    medium: Mapped[float] = mapped_column(Float)
-    few: Mapped[float] = mapped_column(Float)
-    ece: Mapped[float] = mapped_column(Float)
-    ece_many: Mapped[float] = mapped_column(Float)
-    ece_medium: Mapped[float] = mapped_column(Float)
-    ece_few: Mapped[float] = mapped_column(Float)
-    train_seconds: Mapped[float] = mapped_column(Float)
-    images_per_second: Mapped[float] = mapped_column(Float)
+    values: Mapped[dict] = mapped_column(JSON)  # EpochMetrics.model_dump()
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     run: Mapped[RunRow] = relationship(back_populates="metrics")
 
+    def record(self) -> EpochMetrics:
+        return EpochMetrics.model_validate(self.values)
+
 
 class ArtifactRow(Base):
-    """A file a run produced (checkpoints, the ONNX model), relative to the artifact dir."""
+    """A file a run produced (checkpoints, the ONNX model); its path is relative to the artifact store."""
 
     __tablename__ = "artifacts"
     __table_args__ = (UniqueConstraint("run_id", "kind", name="uq_artifacts_run_kind"),)
@@ -129,7 +129,7 @@ class ModelRow(Base):
     __tablename__ = "models"
 
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    onnx_path: Mapped[str] = mapped_column(String(500))  # relative to the artifact dir
+    onnx_path: Mapped[str] = mapped_column(String(500))  # relative to the artifact store
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
     parity_max_abs_diff: Mapped[float] = mapped_column(Float)

@@ -6,7 +6,7 @@ import logging
 
 from celery import Celery
 
-from service.api.runs import service as runs_service
+from service.store import runs
 from service.store.db import session_scope
 from service.store.orm import utcnow
 from service.store.queue import enqueue_training
@@ -18,7 +18,7 @@ log = logging.getLogger("h2t.sweeper")
 def sweep_once(settings: Settings, celery: Celery) -> list[str]:
     """Requeue (or fail, or finish cancelling) stale runs; send requeued ones to the broker after commit."""
     with session_scope(settings.database_url) as session:
-        requeued = runs_service.sweep_stale(session, utcnow(), settings.heartbeat_timeout_s, settings.max_attempts)
+        requeued = runs.sweep_stale(session, utcnow(), settings.heartbeat_timeout_s, settings.max_attempts)
     for run_id in requeued:
         enqueue_training(celery, settings, run_id)
         log.warning("requeued run %s after its worker went silent", run_id, extra={"run_id": run_id})

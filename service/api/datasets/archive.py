@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from models.contract.catalog import IMAGE_SUFFIXES
-from service.api.errors import InvalidInput, PayloadTooLarge
+from service.store.errors import InvalidInput, PayloadTooLarge
 
 IGNORED_PARTS = ("__MACOSX",)  # metadata folders added by archivers
 

@@ -8,33 +8,20 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 
+from models.contract.layout import ArtifactLayout
 from service.api.auth import ApiKey
-from service.api.bodies import media_type, parse_json
+from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
 from service.api.datasets import service
-from service.api.datasets.schemas import BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
+from service.api.datasets.schemas import ArchiveDatasetForm, BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
 from service.api.deps import SessionDep, SettingsDep
-from service.api.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.store.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-_CREATE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": BuiltinDatasetCreate.model_json_schema()},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["archive"],
-                "properties": {
-                    "archive": {"type": "string", "format": "binary",
-                                "description": "zip or tar.gz with train/<class>/<image> and test/<class>/<image>"},
-                    "name": {"type": "string", "maxLength": 200},
-                    "image_size": {"type": "integer", "minimum": 8, "maximum": 512, "default": 32,
-                                   "description": "images are resized to this square size for training"},
-                },
-            }},
-        },
-    }
-}
+_ARCHIVE_FIELD = "archive"
+_CREATE_BODY = json_or_multipart_body(BuiltinDatasetCreate, ArchiveDatasetForm, {_ARCHIVE_FIELD: {
+    "type": "string", "format": "binary",
+    "description": "zip or tar.gz with train/<class>/<image> and test/<class>/<image>"}})
 
 
 async def _spool_upload(upload: UploadFile, dest: Path, max_bytes: int) -> None:
@@ -57,36 +44,27 @@ async def create_dataset(request: Request, response: Response, session: SessionD
         row = service.create_builtin(session, settings, body)
     elif content_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)
-        archive = form.get("archive")
+        archive = form.get(_ARCHIVE_FIELD)
         if not isinstance(archive, UploadFile):
-            raise InvalidInput("multipart body needs a file field named 'archive'")
-        name = str(form.get("name") or Path(archive.filename or "upload").name.split(".")[0])[:200]
-        try:
-            image_size = int(form.get("image_size") or 32)
-        except ValueError as exc:
-            raise InvalidInput("image_size must be an integer") from exc
-        if not 8 <= image_size <= 512:
-            raise InvalidInput("image_size must be between 8 and 512")
-        with tempfile.TemporaryDirectory(dir=_scratch_root(settings)) as tmp:
+            raise InvalidInput(f"multipart body needs a file field named {_ARCHIVE_FIELD!r}")
+        fields = parse_form_fields(form, ArchiveDatasetForm, (_ARCHIVE_FIELD,), "archive upload")
+        default_name = Path(archive.filename or "upload").name.split(".")[0][:200]
+        store = ArtifactLayout(settings.artifact_dir)
+        store.uploads.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=store.uploads) as tmp:
             upload_path = Path(tmp) / "upload"
             await _spool_upload(archive, upload_path, settings.max_upload_bytes)
-            row = service.create_from_archive(session, settings, upload_path, name, image_size)
+            row = service.create_from_archive(session, settings, upload_path, fields, default_name)
         try:
             session.commit()
         except BaseException:
-            shutil.rmtree(service.dataset_dir(settings, row.id), ignore_errors=True)
+            shutil.rmtree(store.dataset(row.id), ignore_errors=True)
             raise
     else:
         raise UnsupportedMediaType(
             f"send application/json (a builtin dataset) or multipart/form-data (an archive), not {content_type!r}")
     response.headers["Location"] = f"/v1/datasets/{row.id}"
     return service.to_public(row)
-
-
-def _scratch_root(settings) -> Path:
-    root = settings.artifact_dir / "uploads"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @router.get("", response_model=DatasetsPublic)

@@ -4,19 +4,27 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from models.contract.config import BuiltinDataset
+from models.contract.config import BuiltinDataset, ImageSize
 
 
-class BuiltinDatasetCreate(BuiltinDataset):
+class DatasetOptions(BaseModel):
+    name: str | None = Field(None, max_length=200, description="defaults to one made from the dataset")
+
+
+class BuiltinDatasetCreate(BuiltinDataset, DatasetOptions):
     """JSON body of POST /v1/datasets for a builtin dataset made long-tailed."""
 
-    name: str | None = Field(None, max_length=200)
+
+class ArchiveDatasetForm(DatasetOptions):
+    """The fields beside the `archive` file of a multipart POST /v1/datasets."""
+
+    image_size: ImageSize = 32
 
 
 class DatasetPublic(BaseModel):
     id: str
     name: str
-    kind: str = Field(description="builtin or archive")
+    kind: str = Field(description="builtin or archive: the key its spec names")
     spec: dict
     num_classes: int
     class_names: list[str]

@@ -10,25 +10,23 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.contract.catalog import describe_builtin
-from models.contract.config import BuiltinDataset, FolderDataset
+from models.contract.config import ArchiveDataset, BuiltinDataset
+from models.contract.layout import ArtifactLayout
 from models.contract.metrics import class_groups
 from service.api.datasets.archive import ArchiveLimits, extract_image_folder
-from service.api.datasets.schemas import BuiltinDatasetCreate, DatasetPublic
-from service.api.errors import InvalidInput, ResourceConflict, ResourceNotFound
+from service.api.datasets.schemas import ArchiveDatasetForm, BuiltinDatasetCreate, DatasetPublic
+from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
 from service.store.orm import DatasetRow, RunRow
 from service.store.settings import Settings
 
 
 def to_public(row: DatasetRow) -> DatasetPublic:
     return DatasetPublic(
-        id=row.id, name=row.name, kind=row.kind, spec=row.spec, num_classes=len(row.class_names),
+        id=row.id, name=row.name, kind=row.dataset_spec().kind, spec=row.spec,
+        num_classes=len(row.class_names),
         class_names=row.class_names, train_counts=row.train_counts, test_counts=row.test_counts,
         groups=class_groups(row.train_counts), image_size=row.image_size, created_at=row.created_at,
     )
-
-
-def dataset_dir(settings: Settings, dataset_id: str) -> Path:
-    return settings.artifact_dir / "datasets" / dataset_id
 
 
 def create_builtin(session: Session, settings: Settings, body: BuiltinDatasetCreate) -> DatasetRow:
@@ -38,7 +36,7 @@ def create_builtin(session: Session, settings: Settings, body: BuiltinDatasetCre
     except FileNotFoundError as exc:
         raise InvalidInput(f"{spec.builtin} is not available on this server: {exc}") from exc
     name = body.name or f"{spec.builtin}-lt-{spec.profile}-if{spec.imbalance_factor:g}"
-    row = DatasetRow(name=name, kind="builtin", spec=spec.model_dump(mode="json"),
+    row = DatasetRow(name=name, spec=spec.model_dump(mode="json"),
                      class_names=list(summary.class_names), train_counts=list(summary.train_counts),
                      test_counts=list(summary.test_counts), image_size=summary.image_size)
     session.add(row)
@@ -47,22 +45,21 @@ def create_builtin(session: Session, settings: Settings, body: BuiltinDatasetCre
 
 
 def create_from_archive(
-    session: Session, settings: Settings, archive_path: Path, name: str, image_size: int
+    session: Session, settings: Settings, archive_path: Path, form: ArchiveDatasetForm, default_name: str
 ) -> DatasetRow:
     """Check and extract into a scratch folder, then move it into place; nothing stays on failure."""
     dataset_id = str(uuid.uuid4())
-    root = settings.artifact_dir / "datasets"
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = root / f".incoming-{dataset_id}"
-    final = dataset_dir(settings, dataset_id)
+    store = ArtifactLayout(settings.artifact_dir)
+    scratch, final = store.incoming_dataset(dataset_id), store.dataset(dataset_id)
+    scratch.parent.mkdir(parents=True, exist_ok=True)
     try:
         limits = ArchiveLimits(settings.max_archive_members, settings.max_archive_bytes, settings.max_image_pixels)
         summary = extract_image_folder(archive_path, scratch, limits)
         scratch.rename(final)
-        spec = FolderDataset(folder=str(final.resolve()), image_size=image_size)
-        row = DatasetRow(id=dataset_id, name=name, kind="archive", spec=spec.model_dump(mode="json"),
+        spec = ArchiveDataset(archive=store.relative(final), image_size=form.image_size)
+        row = DatasetRow(id=dataset_id, name=form.name or default_name, spec=spec.model_dump(mode="json"),
                          class_names=list(summary.class_names), train_counts=list(summary.train_counts),
-                         test_counts=list(summary.test_counts), image_size=image_size)
+                         test_counts=list(summary.test_counts), image_size=form.image_size)
         session.add(row)
         session.flush()
         return row
@@ -91,6 +88,7 @@ def delete(session: Session, settings: Settings, dataset_id: str) -> Path | None
     runs = session.scalar(select(func.count()).select_from(RunRow).where(RunRow.dataset_id == dataset_id))
     if runs:
         raise ResourceConflict(f"dataset {dataset_id} is used by {runs} run(s)")
+    spec = row.dataset_spec()
     session.delete(row)
     session.flush()
-    return dataset_dir(settings, dataset_id) if row.kind == "archive" else None
+    return ArtifactLayout(settings.artifact_dir).resolve(spec.archive) if isinstance(spec, ArchiveDataset) else None

@@ -12,30 +12,25 @@ from starlette.datastructures import UploadFile
 
 from models.contract.onnx_model import decode_image
 from service.api.auth import ApiKey
-from service.api.bodies import media_type, parse_json
+from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
 from service.api.deps import SessionDep, SettingsDep
-from service.api.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.api.models_api import service
-from service.api.models_api.schemas import CalibrationPublic, ModelPublic, ModelsPublic, PredictJSON, PredictResponse
+from service.api.models_api.schemas import (
+    CalibrationPublic,
+    ModelPublic,
+    ModelsPublic,
+    PredictJSON,
+    PredictOptions,
+    PredictResponse,
+)
 from service.store.db import session_scope
+from service.store.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-_PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": PredictJSON.model_json_schema()},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["images"],
-                "properties": {
-                    "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    "top_k": {"type": "integer", "minimum": 1, "default": 5},
-                },
-            }},
-        },
-    }
-}
+_IMAGES_FIELD = "images"
+_PREDICT_BODY = json_or_multipart_body(PredictJSON, PredictOptions, {
+    _IMAGES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}})
 
 
 @router.get("", response_model=ModelsPublic)
@@ -62,7 +57,7 @@ def download_onnx(model_id: str, session: SessionDep, settings: SettingsDep, _: 
             summary="Accuracy, ECE and reliability bins overall and per group, on the test split")
 def get_calibration(model_id: str, session: SessionDep, _: ApiKey) -> CalibrationPublic:
     row, _run = service.get(session, model_id)
-    return CalibrationPublic(model_id=model_id, top1=row.calibration["top1"], groups=row.calibration["groups"])
+    return CalibrationPublic(model_id=model_id, **row.calibration)
 
 
 async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
@@ -82,17 +77,12 @@ async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
         return blobs, body.top_k
     if content_type == "multipart/form-data":
         form = await request.form(max_files=settings.predict_max_images + 1, max_fields=10)
-        files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+        files = [f for f in form.getlist(_IMAGES_FIELD) if isinstance(f, UploadFile)]
         if not files:
-            raise InvalidInput("multipart body needs one or more files named 'images'")
+            raise InvalidInput(f"multipart body needs one or more files named {_IMAGES_FIELD!r}")
         if len(files) > settings.predict_max_images:
             raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request")
-        try:
-            top_k = int(form.get("top_k") or 5)
-        except ValueError as exc:
-            raise InvalidInput("top_k must be an integer") from exc
-        if top_k < 1:
-            raise InvalidInput("top_k must be at least 1")
+        top_k = parse_form_fields(form, PredictOptions, (_IMAGES_FIELD,), "predict request").top_k
         blobs = []
         for i, upload in enumerate(files):
             data = await upload.read(settings.predict_max_image_bytes + 1)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from models.contract.onnx_model import ModelSpec, load_session, run_probabilities, session_spec, sha256_file
-from service.api.errors import ResourceConflict
 from service.api.models_api.service import ServingRecord
+from service.store.errors import ResourceConflict
 
 
 @dataclass

@@ -4,23 +4,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-
-class GroupCalibration(BaseModel):
-    n: int = Field(description="test images whose true class is in the group")
-    accuracy: float = Field(description="mean per-class accuracy, fraction")
-    ece: float = Field(description="expected calibration error, 15 equal-width bins, fraction")
-
-
-class ReliabilityBin(BaseModel):
-    lower: float
-    upper: float
-    count: int
-    accuracy: float
-    confidence: float
-
-
-class GroupCalibrationBins(GroupCalibration):
-    bins: list[ReliabilityBin]
+from models.contract.metrics import EvaluationReport, GroupSummary
 
 
 class Parity(BaseModel):
@@ -39,7 +23,7 @@ class ModelPublic(BaseModel):
     onnx_sha256: str
     size_bytes: int
     parity: Parity
-    calibration: dict[str, GroupCalibration] = Field(description="overall, many, medium, few on the test split")
+    calibration: dict[str, GroupSummary] = Field(description="overall, many, medium, few on the test split")
     created_at: datetime
 
 
@@ -48,16 +32,19 @@ class ModelsPublic(BaseModel):
     count: int
 
 
-class CalibrationPublic(BaseModel):
+class CalibrationPublic(EvaluationReport):
     model_id: str
     measured_on: str = "the held-out test split, through the served ONNX model"
-    top1: float
-    groups: dict[str, GroupCalibrationBins]
 
 
-class PredictJSON(BaseModel):
+class PredictOptions(BaseModel):
+    """The fields beside the `images` files of a multipart predict request."""
+
+    top_k: int = Field(5, ge=1, le=1000, description="classes returned per image")
+
+
+class PredictJSON(PredictOptions):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
-    top_k: int = Field(5, ge=1, le=1000)
 
 
 class ClassProbability(BaseModel):
@@ -68,7 +55,7 @@ class ClassProbability(BaseModel):
 
 class PredictedClass(ClassProbability):
     group: str
-    group_calibration: GroupCalibration
+    group_calibration: GroupSummary
 
 
 class Prediction(BaseModel):

@@ -8,8 +8,9 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.api.errors import ResourceConflict, ResourceNotFound
-from service.api.models_api.schemas import GroupCalibration, ModelPublic, Parity
+from models.contract.metrics import GroupSummary
+from service.api.models_api.schemas import ModelPublic, Parity
+from service.store.errors import ResourceConflict, ResourceNotFound
 from service.store.orm import ModelRow, RunRow
 
 
@@ -28,8 +29,7 @@ def to_public(row: ModelRow, run: RunRow) -> ModelPublic:
         id=row.run_id, run_id=row.run_id, dataset_id=run.dataset_id, num_classes=len(row.class_names),
         class_names=row.class_names, groups=row.groups, input=row.input_spec, onnx_sha256=row.sha256,
         size_bytes=row.size_bytes, parity=Parity(max_abs_diff=row.parity_max_abs_diff, images=row.parity_images),
-        calibration={name: GroupCalibration(**{k: g[k] for k in ("n", "accuracy", "ece")})
-                     for name, g in row.calibration["groups"].items()},
+        calibration={name: GroupSummary.model_validate(g) for name, g in row.calibration["groups"].items()},
         created_at=row.created_at,
     )
 
@@ -56,7 +56,7 @@ class ServingRecord:
     @classmethod
     def from_row(cls, row: ModelRow) -> ServingRecord:
         return cls(row.run_id, row.onnx_path, row.sha256, tuple(row.class_names), tuple(row.groups),
-                   {name: {k: g[k] for k in ("n", "accuracy", "ece")} for name, g in row.calibration["groups"].items()})
+                   {name: GroupSummary.model_validate(g).model_dump() for name, g in row.calibration["groups"].items()})
 
 
 def serving_record(session: Session, model_id: str) -> ServingRecord:

@@ -7,10 +7,11 @@ from fastapi import APIRouter, Query, Request, Response, status
 
 from service.api.auth import ApiKey
 from service.api.deps import SessionDep, SettingsDep
-from service.api.errors import ServiceUnavailable
 from service.api.runs import service
 from service.api.runs.schemas import MetricsPublic, RunCreate, RunPublic, RunsPublic
-from service.store.orm import RunStatus, utcnow
+from service.store import runs
+from service.store.errors import ServiceUnavailable
+from service.store.orm import RunStatus
 from service.store.queue import enqueue_training
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -27,24 +28,24 @@ def create_run(body: RunCreate, request: Request, response: Response, session: S
         enqueue_training(request.app.state.celery, settings, row.id)
     except Exception as exc:  # the broker is down: say so, and leave no run that will never start
         log.exception("could not enqueue run %s", row.id)
-        row.status, row.error, row.finished_at = RunStatus.failed, f"broker unreachable: {exc}", utcnow()
+        runs.fail_unsent(session, row.id, f"broker unreachable: {exc}")
         session.commit()
         raise ServiceUnavailable(f"the task broker is unreachable; run {row.id} was not started") from exc
     log.info("run queued", extra={"run_id": row.id})
     response.headers["Location"] = f"/v1/runs/{row.id}"
-    return service.to_public(session, row)
+    return service.public(session, row)
 
 
 @router.get("", response_model=RunsPublic)
 def list_runs(session: SessionDep, _: ApiKey, limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: Annotated[int, Query(ge=0)] = 0, status: RunStatus | None = None) -> RunsPublic:
     rows, total = service.list_runs(session, limit, offset, status)
-    return RunsPublic(data=[service.to_public(session, r) for r in rows], count=total)
+    return RunsPublic(data=service.to_public_many(session, rows), count=total)
 
 
 @router.get("/{run_id}", response_model=RunPublic)
 def get_run(run_id: str, session: SessionDep, _: ApiKey) -> RunPublic:
-    return service.to_public(session, service.get(session, run_id))
+    return service.public(session, runs.get(session, run_id))
 
 
 @router.get("/{run_id}/metrics", response_model=MetricsPublic, summary="One row per stage and epoch")
@@ -56,5 +57,5 @@ def get_metrics(run_id: str, session: SessionDep, _: ApiKey) -> MetricsPublic:
 @router.post("/{run_id}/cancel", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED,
              summary="Cancel: a queued run at once, a running one at its next epoch end")
 def cancel_run(run_id: str, session: SessionDep, _: ApiKey) -> RunPublic:
-    row = service.cancel(session, run_id)
-    return service.to_public(session, row)
+    row = runs.cancel(session, run_id)
+    return service.public(session, row)

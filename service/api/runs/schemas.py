@@ -5,6 +5,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from models.contract.config import RunConfig
+from models.contract.metrics import EpochMetrics
 from service.store.orm import RunStatus
 
 
@@ -15,21 +16,9 @@ class RunCreate(RunConfig):
     stage1_from: str | None = Field(None, max_length=36, description="reuse this succeeded run's stage-1 checkpoint")
 
 
-class MetricPublic(BaseModel):
-    stage: int
-    epoch: int
-    loss: float
-    lr: float
-    top1: float
-    many: float
-    medium: float
-    few: float
-    ece: float
-    ece_many: float
-    ece_medium: float
-    ece_few: float
-    train_seconds: float
-    images_per_second: float
+class MetricPublic(EpochMetrics):
+    """One stage-epoch row: the trainer's record as stored, and when it was written."""
+
     created_at: datetime
 
 

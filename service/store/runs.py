@@ -1,0 +1,181 @@
+"""The run state machine and the workers' claim protocol. Functions take the session and never commit.
+
+queued -> running -> succeeded | failed; queued -> cancelled; running -> cancelling -> cancelled;
+running -> queued when its worker stops after a checkpoint or goes silent (the sweep).
+
+Ownership: a worker claims a run with a compare-and-set that writes a fresh claim token; every
+later write of that worker names the token, so a worker that lost its claim (declared dead and
+requeued) cannot write over the run that another worker now trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from models.contract.metrics import EpochMetrics, EvaluationReport
+from models.contract.onnx_model import ModelSpec
+from service.store.errors import ResourceConflict, ResourceNotFound
+from service.store.orm import TERMINAL, ArtifactRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
+
+
+def get(session: Session, run_id: str) -> RunRow:
+    row = session.get(RunRow, run_id)
+    if row is None:
+        raise ResourceNotFound(f"run {run_id} not found")
+    return row
+
+
+def cancel(session: Session, run_id: str) -> RunRow:
+    """A queued run is cancelled at once; a running one is asked to stop at its next epoch end."""
+    row = get(session, run_id)
+    if row.status in TERMINAL:
+        raise ResourceConflict(f"run {run_id} is already {row.status}")
+    if row.status == RunStatus.queued:
+        row.status, row.finished_at = RunStatus.cancelled, utcnow()
+    elif row.status == RunStatus.running:
+        row.status = RunStatus.cancelling
+    session.flush()
+    return row
+
+
+def fail_unsent(session: Session, run_id: str, error: str) -> None:
+    """A queued run whose task never reached the broker: it would never start, so it fails."""
+    session.execute(update(RunRow).where(RunRow.id == run_id, RunRow.status == RunStatus.queued)
+                    .values(status=RunStatus.failed, error=error, finished_at=utcnow()))
+
+
+# --- the worker's side -------------------------------------------------------------------------------
+
+
+def claim(session: Session, run_id: str, token: str, worker: str, now: datetime, stale_before: datetime) -> bool:
+    """Take a queued run, or one whose worker went silent; False when another worker holds it."""
+    result = session.execute(
+        update(RunRow)
+        .where(RunRow.id == run_id, or_(
+            RunRow.status == RunStatus.queued,
+            and_(RunRow.status == RunStatus.running, RunRow.heartbeat_at < stale_before),
+        ))
+        .values(status=RunStatus.running, claim_token=token, worker=worker, heartbeat_at=now,
+                attempts=RunRow.attempts + 1, started_at=func.coalesce(RunRow.started_at, now), error=None)
+    )
+    return result.rowcount == 1
+
+
+def heartbeat(session: Session, run_id: str, token: str, now: datetime) -> bool:
+    """Refresh the claim; False when this worker no longer owns the run."""
+    result = session.execute(update(RunRow).where(RunRow.id == run_id, RunRow.claim_token == token)
+                             .values(heartbeat_at=now))
+    return result.rowcount == 1
+
+
+def set_stage(session: Session, run_id: str, token: str, stage: int, epoch: int, total_epochs: int) -> None:
+    session.execute(update(RunRow).where(RunRow.id == run_id, RunRow.claim_token == token)
+                    .values(stage=stage, epoch=epoch, total_epochs=total_epochs, heartbeat_at=utcnow()))
+
+
+def record_epoch(session: Session, run_id: str, token: str, metrics: EpochMetrics) -> RunStatus | None:
+    """Write (or overwrite) the metric row of (run, stage, epoch) and the run's progress.
+
+    Returns the run's status (cancelling asks the worker to stop), or None when the claim is lost.
+    """
+    row = session.scalars(select(RunRow).where(RunRow.id == run_id).with_for_update()).first()
+    if row is None or row.claim_token != token:
+        return None
+    metric = session.scalars(select(MetricRow).where(
+        MetricRow.run_id == run_id, MetricRow.stage == metrics.stage, MetricRow.epoch == metrics.epoch)).first()
+    if metric is None:
+        metric = MetricRow(run_id=run_id, stage=metrics.stage, epoch=metrics.epoch)
+        session.add(metric)
+    metric.values, metric.created_at = metrics.model_dump(), utcnow()
+    row.stage, row.epoch, row.total_epochs = metrics.stage, metrics.epoch, metrics.epochs
+    row.heartbeat_at = utcnow()
+    session.flush()
+    return row.status
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file a run produced, as the store records it."""
+
+    kind: str  # models.contract.layout: checkpoint_kind(stage) or ONNX_KIND
+    path: str  # relative to the artifact store
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """What the worker measured of a run's exported classifier."""
+
+    onnx: StoredFile
+    spec: ModelSpec
+    parity_max_abs_diff: float
+    parity_images: int
+    calibration: EvaluationReport  # of the ONNX model itself on the test split
+
+
+def finish(session: Session, run_id: str, token: str, status: RunStatus, error: str | None = None) -> bool:
+    """End a claimed run; False (and nothing written) when the claim was lost."""
+    result = session.execute(
+        update(RunRow).where(RunRow.id == run_id, RunRow.claim_token == token)
+        .values(status=status, error=error, finished_at=utcnow(), claim_token=None))
+    return result.rowcount == 1
+
+
+def succeed(session: Session, run_id: str, token: str, model: ExportedModel, files: list[StoredFile]) -> bool:
+    """The run's success, its model row and every artifact row, in one unit of work; False when the
+    claim was lost (the caller rolls back, so none of it stays)."""
+    row = session.get(ModelRow, run_id) or ModelRow(run_id=run_id)
+    row.onnx_path, row.sha256, row.size_bytes = model.onnx.path, model.onnx.sha256, model.onnx.size_bytes
+    row.parity_max_abs_diff, row.parity_images = model.parity_max_abs_diff, model.parity_images
+    row.input_spec = model.spec.input_description()
+    row.class_names, row.groups = list(model.spec.class_names), list(model.spec.groups)
+    row.calibration = model.calibration.model_dump()
+    session.add(row)
+    for file in [model.onnx, *files]:
+        artifact = session.scalars(select(ArtifactRow).filter_by(run_id=run_id, kind=file.kind)).first()
+        artifact = artifact or ArtifactRow(run_id=run_id, kind=file.kind)
+        artifact.path, artifact.size_bytes, artifact.sha256 = file.path, file.size_bytes, file.sha256
+        session.add(artifact)
+    return finish(session, run_id, token, RunStatus.succeeded)
+
+
+def release(session: Session, run_id: str, token: str) -> bool:
+    """Give a claimed run back to the queue (its worker is shutting down after a checkpoint); a run
+    being cancelled becomes cancelled. True when it should be sent to the broker again."""
+    row = session.get(RunRow, run_id)
+    if row is None or row.claim_token != token:
+        return False
+    row.claim_token = None
+    if row.status == RunStatus.cancelling:
+        row.status, row.finished_at = RunStatus.cancelled, utcnow()
+        return False
+    row.status = RunStatus.queued
+    session.flush()
+    return True
+
+
+def sweep_stale(session: Session, now: datetime, timeout_s: float, max_attempts: int) -> list[str]:
+    """Runs whose worker stopped sending heartbeats: requeue them (returns their ids, to be sent to the
+    broker after commit), or fail them after max_attempts claims; a cancelling one becomes cancelled."""
+    stale_before = now - timedelta(seconds=timeout_s)
+    stale = session.scalars(select(RunRow).where(
+        RunRow.status.in_([RunStatus.running, RunStatus.cancelling]), RunRow.heartbeat_at < stale_before,
+    ).with_for_update(skip_locked=True)).all()
+    requeued = []
+    for row in stale:
+        row.claim_token = None
+        if row.status == RunStatus.cancelling:
+            row.status, row.finished_at = RunStatus.cancelled, now
+        elif row.attempts >= max_attempts:
+            row.status, row.finished_at = RunStatus.failed, now
+            row.error = f"worker lost {row.attempts} times (last heartbeat {row.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC)"
+        else:
+            row.status = RunStatus.queued
+            requeued.append(row.id)
+    session.flush()
+    return requeued
