@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
 
 from models.contract.config import RunConfig
-from service.api.runs import service as runs
+from models.contract.metrics import EpochMetrics
+from service.store import runs
 from service.store.db import session_scope
 from service.store.migrate import upgrade_head
-from service.store.orm import DatasetRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.orm import ArtifactRow, DatasetRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
 from service.store.settings import Settings
 from worker import runner
 
@@ -29,7 +31,7 @@ def settings(tmp_path) -> Settings:
 
 def _queued_run(settings: Settings, **config) -> str:
     with session_scope(settings.database_url) as session:
-        dataset = DatasetRow(name="digits", kind="builtin", spec={"builtin": "digits", "imbalance_factor": 0.05},
+        dataset = DatasetRow(name="digits", spec={"builtin": "digits", "imbalance_factor": 0.05},
                              class_names=[str(i) for i in range(10)], train_counts=[1] * 10, test_counts=[1] * 10,
                              image_size=16)
         session.add(dataset)
@@ -47,12 +49,19 @@ def _run(settings: Settings, run_id: str) -> RunRow:
 
 def test_the_task_body_trains_exports_and_registers_the_model(settings):
     run_id = _queued_run(settings, **TINY)
-    assert runner.train_run(run_id, settings, "test-worker") == "succeeded"
+    assert runner.train_run(run_id, settings, "test-worker", threading.Event()) == runner.Outcome.succeeded
     with session_scope(settings.database_url) as session:
         model = session.get(ModelRow, run_id)
         assert model is not None and model.parity_max_abs_diff < 1e-4
         assert set(model.calibration["groups"]) == {"overall", "many", "medium", "few"}
-    assert runner.train_run(run_id, settings, "test-worker") == "skipped"  # a redelivered task does nothing
+        kinds = {a.kind: a.path for a in session.query(ArtifactRow).filter_by(run_id=run_id)}
+    # every stored path is relative to the artifact store, so another mount point finds the same files
+    assert kinds == {"onnx": f"runs/{run_id}/model.onnx",
+                     "stage1_checkpoint": f"runs/{run_id}/stage1/checkpoint.pt",
+                     "stage2_checkpoint": f"runs/{run_id}/stage2/checkpoint.pt"}
+    assert model.onnx_path == kinds["onnx"]
+    # a redelivered task does nothing
+    assert runner.train_run(run_id, settings, "test-worker", threading.Event()) == runner.Outcome.skipped
 
 
 def test_a_failed_export_fails_the_run_with_a_clear_error(settings, monkeypatch):
@@ -63,7 +72,7 @@ def test_a_failed_export_fails_the_run_with_a_clear_error(settings, monkeypatch)
 
     monkeypatch.setattr(models.core.export, "export_and_calibrate", broken)
     run_id = _queued_run(settings, **TINY)
-    assert runner.train_run(run_id, settings, "test-worker") == "failed"
+    assert runner.train_run(run_id, settings, "test-worker", threading.Event()) == runner.Outcome.failed
     run = _run(settings, run_id)
     assert run.status == RunStatus.failed and run.error == "ONNX export failed: RuntimeError: disk full"
     with session_scope(settings.database_url) as session:
@@ -82,7 +91,9 @@ def test_a_run_is_claimed_once_until_its_heartbeat_goes_stale(settings):
         assert runs.claim(session, run_id, "b", "w2", later, later - timedelta(seconds=60))
     with session_scope(settings.database_url) as session:  # w1 lost its claim: its writes are refused
         assert not runs.heartbeat(session, run_id, "a", later)
-        assert runs.record_epoch(session, run_id, "a", {}) is None
+        epoch = EpochMetrics(stage=1, epoch=1, epochs=1, loss=0, lr=0, top1=0, many=0, medium=0, few=0, ece=0,
+                             ece_many=0, ece_medium=0, ece_few=0, train_seconds=0, images_per_second=0)
+        assert runs.record_epoch(session, run_id, "a", epoch) is None
     assert _run(settings, run_id).attempts == 2
 
 
@@ -100,3 +111,17 @@ def test_the_sweep_requeues_stale_runs_then_fails_them_and_finishes_cancelling_o
     assert _run(settings, ids[0]).status == RunStatus.queued
     assert _run(settings, ids[1]).status == RunStatus.failed and "worker lost 3 times" in _run(settings, ids[1]).error
     assert _run(settings, ids[2]).status == RunStatus.cancelled
+
+
+def test_a_stop_request_checkpoints_requeues_and_the_next_delivery_resumes(settings):
+    run_id = _queued_run(settings, **TINY)
+    stop, sent = threading.Event(), []
+    stop.set()  # as SIGTERM does: stop after the next checkpoint
+    assert runner.train_run(run_id, settings, "w1", stop, sent.append) == runner.Outcome.requeued
+    assert sent == [run_id]
+    run = _run(settings, run_id)
+    assert (run.status, run.stage, run.epoch, run.claim_token) == (RunStatus.queued, 1, 1, None)
+    assert runner.train_run(run_id, settings, "w2", threading.Event()) == runner.Outcome.succeeded
+    with session_scope(settings.database_url) as session:
+        keys = [(m.stage, m.epoch) for m in session.query(MetricRow).filter_by(run_id=run_id)]
+    assert sorted(keys) == [(1, 1), (1, 2), (2, 1)]
