@@ -1,12 +1,12 @@
-"""Pack just the CIFAR-100 images the LT protocol reads, to carry to a lent GPU machine (64 MiB limit).
+"""Pack just the CIFAR-100 images the LT protocol reads (about 60 MiB), to carry to a GPU host offline.
 
 The LT subsets depend only on the labels (per class, a seeded shuffle of that class's indices), so
 `unpack` rebuilds the standard pickle layout with every label and with the pixels of the union of the
 IR 200/100/50 subsets and the whole test set; other training pixels are zero and never read, which
 `unpack` checks by recomputing the subsets.
 
-  python benchmarks/device/pack_cifar100_lt.py pack ../shared/data .gpu/cifar100_lt.xz
-  python benchmarks/device/pack_cifar100_lt.py unpack .gpu/cifar100_lt.xz /tmp/data
+  python benchmarks/remote_gpu/pack_cifar100_lt.py pack data .remote-gpu/cifar100_lt.xz
+  python benchmarks/remote_gpu/pack_cifar100_lt.py unpack .remote-gpu/cifar100_lt.xz /tmp/data
 """
 
 from __future__ import annotations
