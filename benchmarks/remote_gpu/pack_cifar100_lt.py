@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from models.core.data import long_tailed_counts, long_tailed_indices  # noqa: E402
+from models.contract.catalog import long_tailed_counts, long_tailed_indices  # noqa: E402
 
 FACTORS = (0.005, 0.01, 0.02)
 
