@@ -1,1 +1,1 @@
-"""The Celery worker: a thin shell that trains runs through `models` and records them in the store."""
+"""The Celery worker: a thin shell that trains runs through `models.core` and records them through `service.store`."""

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): datasets, runs, models and predict; serves with onnxruntime, never imports torch."""
