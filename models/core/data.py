@@ -20,7 +20,8 @@ from models.contract.catalog import (
     long_tailed_indices,
     unpickle,
 )
-from models.contract.config import BuiltinDataset, DatasetConfig, FolderDataset
+from models.contract.config import ArchiveDataset, BuiltinDataset, DatasetConfig, FolderDataset
+from models.contract.layout import ArtifactLayout
 
 # The official H2T code normalises both CIFARs with these statistics.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -184,12 +185,23 @@ def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
     return Dataset(root.name, class_names, train, test, mean, std)
 
 
-def load_dataset(spec: DatasetConfig, data_root: str | Path | None = None, download: bool = False) -> Dataset:
-    """Build the dataset a config names. CIFAR needs `data_root`; digits ship with scikit-learn."""
-    if isinstance(spec, FolderDataset):
-        return load_image_folder(spec.folder, spec.image_size)
-    if spec.builtin == "digits":
-        return digits_long_tailed(spec)
-    if data_root is None:
-        raise ValueError(f"{spec.builtin} needs a data root holding the CIFAR python files")
-    return cifar_long_tailed(data_root, spec, download=download)
+def load_dataset(
+    spec: DatasetConfig, data_root: str | Path | None = None, artifacts: ArtifactLayout | None = None,
+    download: bool = False,
+) -> Dataset:
+    """Build the dataset a spec names. CIFAR needs `data_root`, an uploaded archive the artifact store
+    it was extracted into; digits ship with scikit-learn."""
+    match spec:
+        case FolderDataset():
+            return load_image_folder(spec.folder, spec.image_size)
+        case ArchiveDataset():
+            if artifacts is None:
+                raise ValueError(f"archive dataset {spec.archive!r} needs the artifact store it was extracted into")
+            return load_image_folder(artifacts.resolve(spec.archive), spec.image_size)
+        case BuiltinDataset(builtin="digits"):
+            return digits_long_tailed(spec)
+        case BuiltinDataset():
+            if data_root is None:
+                raise ValueError(f"{spec.builtin} needs a data root holding the CIFAR python files")
+            return cifar_long_tailed(data_root, spec, download=download)
+    raise TypeError(f"not a dataset spec: {type(spec).__name__}")

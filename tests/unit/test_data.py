@@ -1,8 +1,11 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from models.contract.config import BuiltinDataset, FolderDataset
+from models.contract.config import DATASET_SPEC, ArchiveDataset, BuiltinDataset, FolderDataset
+from models.contract.layout import ArtifactLayout
 from models.contract.metrics import class_groups
 from models.core.data import (
     digits_long_tailed,
@@ -88,22 +91,40 @@ def test_embedded_digits_are_long_tailed_with_a_balanced_test_split():
     assert data.test.images.float().std() > 50
 
 
-def test_image_folder_reads_train_and_test_trees(tmp_path):
+def _image_tree(root: Path) -> None:
+    """root/{train,test}/{cat,dog}/*.png: 3 training and 2 test images per class, and a stray text file."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 3), ("test", 2)):
         for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
+            (root / split / cls).mkdir(parents=True)
             for i in range(n):
                 pixels = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
-    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_reads_train_and_test_trees(tmp_path):
+    _image_tree(tmp_path)
     data = load_image_folder(tmp_path, image_size=16)
     assert data.class_names == ("cat", "dog")
     assert data.train_counts() == [3, 3] and data.test_counts() == [2, 2]
     assert data.train.images.shape == (6, 3, 16, 16)
     assert load_dataset(FolderDataset(folder=str(tmp_path), image_size=16)).num_classes == 2
+
+
+def test_an_uploaded_archive_is_read_from_the_artifact_store(tmp_path):
+    store = ArtifactLayout(tmp_path / "artifacts")
+    _image_tree(store.dataset("d1"))
+    spec = DATASET_SPEC.validate_python({"archive": "datasets/d1", "image_size": 12})
+    data = load_dataset(spec, artifacts=store)
+    assert data.class_names == ("cat", "dog") and data.train_counts() == [3, 3]
+    assert data.train.images.shape == (6, 3, 12, 12)
+    with pytest.raises(ValueError, match="artifact store"):
+        load_dataset(spec)
+    with pytest.raises(FileNotFoundError):
+        load_dataset(ArchiveDataset(archive="datasets/missing"), artifacts=store)
 
 
 def test_image_folder_refuses_test_classes_unknown_to_train(tmp_path):
