@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from models.contract.layout import RunFolder  # noqa: E402
+
 IMBALANCE_FACTOR = {200: 0.005, 100: 0.01, 50: 0.02}
 PAPER = {  # CIFAR-100-LT top-1 %, ResNet-32 (H2T paper, AAAI 2024)
     "ce": {200: 35.99, 100: 39.55, 50: 45.40},
@@ -44,6 +47,11 @@ class Job:
     overrides: list[str]
     after: str | None = None  # name of the job whose stage 1 this one reuses
     info: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> RunFolder:
+        """What `h2t train --out` writes."""
+        return RunFolder(self.out)
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
@@ -92,7 +100,7 @@ def run_job(job: Job, jobs_by_name: dict[str, Job], args: argparse.Namespace) ->
 
 def execute(jobs: list[Job], args: argparse.Namespace) -> None:
     by_name = {j.name: j for j in jobs}
-    done: set[str] = {j.name for j in jobs if (j.out / "summary.json").exists()}
+    done: set[str] = {j.name for j in jobs if j.folder.summary.exists()}
     pending = [j for j in jobs if j.name not in done]
     running: dict[Future, Job] = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -116,7 +124,7 @@ def execute(jobs: list[Job], args: argparse.Namespace) -> None:
 
 
 def _summary(job: Job) -> dict | None:
-    path = job.out / "summary.json"
+    path = job.folder.summary
     return json.loads(path.read_text()) if path.exists() else None
 
 

@@ -33,7 +33,9 @@ from models.contract.config import AugmentConfig, BuiltinDataset, Stage1Config  
 from models.core.augment import mix, mixup_lambda  # noqa: E402
 from models.core.backbones import build_classifier  # noqa: E402
 from models.core.data import CIFAR_MEAN, CIFAR_STD, Dataset, ImageSet, load_dataset  # noqa: E402
-from models.core.train import DeviceData, _autocast, _to_model_layout, _train_epoch, autocast_dtype  # noqa: E402
+from models.core.device import DeviceData, autocast, to_model_layout  # noqa: E402
+from models.core.stages import Stage1Recipe  # noqa: E402
+from models.core.train import autocast_dtype, train_epoch  # noqa: E402
 
 
 class PilCifar(torch.utils.data.Dataset):
@@ -63,8 +65,8 @@ def make_model(num_classes: int, device: torch.device, channels_last: bool = Tru
 def step(model, optimizer, x, y, dtype, device, generator, channels_last: bool = True) -> None:
     lam = mixup_lambda(1.0, generator)
     perm = torch.randperm(x.shape[0], generator=generator).to(device)
-    with _autocast(device, dtype):
-        logits = model(mix(_to_model_layout(x, device) if channels_last else x, perm, lam)).float()
+    with autocast(device, dtype):
+        logits = model(mix(to_model_layout(x, device) if channels_last else x, perm, lam)).float()
         loss = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -92,9 +94,9 @@ def time_reference(subset: ImageSet, batch: int, workers: int, dtype, device, nu
 def time_ours(subset: Dataset, batch: int, dtype, device, num_classes: int) -> float:
     model, optimizer = make_model(num_classes, device)
     data = DeviceData.from_dataset(subset, device)
-    config = Stage1Config(batch_size=batch)
+    recipe = Stage1Recipe(Stage1Config(batch_size=batch), AugmentConfig())
     started = time.perf_counter()
-    _, seen = _train_epoch(model, data, config, AugmentConfig(), 1, optimizer, torch.Generator().manual_seed(0), dtype)
+    _, seen = train_epoch(model, data, recipe, optimizer, torch.Generator().manual_seed(0), dtype)
     return seen / (time.perf_counter() - started)
 
 

@@ -61,29 +61,29 @@ class MetricsLog:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from models.contract.layout import RunFolder
     from models.contract.reporting import epoch_line, group_table
     from models.core.data import load_dataset
     from models.core.train import resolve_device, train_two_stage
 
     config = load_train_config(Path(args.config), args.set)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    folder = RunFolder(Path(args.out)).create()
+    folder.config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     data_root = args.data_root or os.environ.get("H2T_DATA_ROOT", DEFAULT_DATA_ROOT)
     dataset = load_dataset(config.dataset, data_root, download=args.download)
     device = resolve_device(args.device)
     print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
           f"{dataset.num_classes} classes, device {device}", flush=True)
 
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(folder.metrics_log)
 
     def on_epoch(m) -> None:
         log.write(m.model_dump())
         print(epoch_line(m), flush=True)
 
     started = time.perf_counter()
-    result = train_two_stage(dataset, config, out, device, on_epoch,
-                             Path(args.stage1_from) if args.stage1_from else None)
+    result = train_two_stage(dataset, config, folder, device, on_epoch,
+                             RunFolder(Path(args.stage1_from)) if args.stage1_from else None)
     counts = dataset.train_counts()
     summary = {
         "dataset": dataset.name, "train_images": len(dataset.train), "test_images": len(dataset.test),
@@ -93,7 +93,7 @@ def train_command(args: argparse.Namespace) -> int:
         "stage2_last": result.stage2[-1].model_dump(),
         "report": result.report.model_dump(), "wall_seconds": time.perf_counter() - started,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    folder.summary.write_text(json.dumps(summary, indent=1))
     print("\nlast epoch of stage 2 on the test split:")
     print(group_table(result.report, counts, dataset.test_counts(), result.groups))
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from models.contract.config import AugmentConfig, BuiltinDataset, LocalTrainConfig, Stage1Config, Stage2Config
+from models.contract.layout import RunFolder
 from models.contract.metrics import EpochMetrics
 from models.contract.reporting import epoch_line, group_rows_table
 
@@ -43,8 +44,8 @@ def demo_config(stage1_epochs: int | None = None, stage2_epochs: int | None = No
     return DEMO_CONFIG.model_copy(update={"stage1": stage1, "stage2": stage2})
 
 
-def run_local_demo(out_dir: Path | None = None) -> int:
-    """The same training in this process, without the service."""
+def run_local_demo(folder: RunFolder | None = None) -> int:
+    """The same training in this process, without the service; in a scratch folder unless one is given."""
     from models.contract.reporting import group_table
     from models.core.data import load_dataset
     from models.core.train import resolve_device, train_two_stage
@@ -54,7 +55,7 @@ def run_local_demo(out_dir: Path | None = None) -> int:
     print(f"demo: {dataset.name}, {len(dataset.train)} long-tailed training images "
           f"(per class {dataset.train_counts()}), {len(dataset.test)} test images, device {device}", flush=True)
     with tempfile.TemporaryDirectory(prefix="h2t-demo-") as tmp:
-        result = train_two_stage(dataset, DEMO_CONFIG, out_dir or Path(tmp), device,
+        result = train_two_stage(dataset, DEMO_CONFIG, folder or RunFolder(Path(tmp)), device,
                                  on_epoch=lambda m: print(epoch_line(m), flush=True))
     print()
     print(group_table(result.report, dataset.train_counts(), dataset.test_counts(), result.groups))
@@ -102,7 +103,7 @@ def _check(response: httpx.Response) -> dict:
 
 def _stored_epoch(row: dict, epochs: int) -> EpochMetrics:
     """A stored metrics row (GET /v1/runs/{id}/metrics) as the trainer reported it."""
-    return EpochMetrics(epochs=epochs, **{k: row[k] for k in ("stage", "epoch", *EpochMetrics.measured_fields())})
+    return EpochMetrics.model_validate({**row, "epochs": epochs})  # keys the record lacks are ignored
 
 
 def report_table(dataset: dict, last: dict) -> str:

@@ -5,13 +5,10 @@ import pytest
 import yaml
 
 from h2t.cli import MetricsLog, main
+from models.contract.layout import RunFolder
+from tests.helpers import TINY_DATASET, tiny_run_config
 
-TINY = {
-    "dataset": {"builtin": "digits", "imbalance_factor": 0.05},
-    "augment": {"horizontal_flip": False},
-    "stage1": {"epochs": 2, "batch_size": 64, "warmup_epochs": 1, "milestones": [], "lr": 0.02},
-    "stage2": {"epochs": 1, "batch_size": 64},
-}
+TINY = {"dataset": TINY_DATASET, **tiny_run_config(stage1={"epochs": 2}, stage2={"epochs": 1})}
 
 
 def _config(tmp_path: Path, body: dict) -> Path:
@@ -25,12 +22,14 @@ def test_train_writes_metrics_per_epoch_summary_and_checkpoints(tmp_path, capsys
     code = main(["train", "--config", str(_config(tmp_path, TINY)), "--out", str(out), "--set", "stage2.rho=0.5",
                  "--device", "cpu"])
     assert code == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    folder = RunFolder(out)
+    rows = [json.loads(line) for line in folder.metrics_log.read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [(1, 1), (1, 2), (2, 1)]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(folder.summary.read_text())
     assert summary["config"]["stage2"]["rho"] == 0.5 and summary["train_images"] == 489
     assert set(summary["report"]["groups"]) == {"overall", "many", "medium", "few"}
-    assert (out / "stage1" / "checkpoint.pt").exists() and (out / "stage2" / "checkpoint.pt").exists()
+    assert yaml.safe_load(folder.config.read_text())["stage2"]["rho"] == 0.5
+    assert folder.checkpoint(1).exists() and folder.checkpoint(2).exists()
     printed = capsys.readouterr().out
     assert "stage 1 epoch   2/2" in printed and "few" in printed.splitlines()[-1]
 
@@ -38,7 +37,7 @@ def test_train_writes_metrics_per_epoch_summary_and_checkpoints(tmp_path, capsys
     code = main(["train", "--config", str(_config(tmp_path, TINY)), "--out", str(tmp_path / "crt"),
                  "--stage1-from", str(out), "--set", "stage2.method=crt", "--set", "stage2.rho=0"])
     assert code == 0
-    rows = [json.loads(line) for line in (tmp_path / "crt" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunFolder(tmp_path / "crt").metrics_log.read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [(2, 1)]
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.contract.config import AugmentConfig, BuiltinDataset, RunConfig, Stage1Config, Stage2Config
+from models.contract.config import BuiltinDataset, RunConfig
+from models.contract.layout import RunFolder
 from models.contract.metrics import class_groups, evaluate_predictions
 from models.contract.onnx_model import (
     ModelSpec,
@@ -21,21 +22,18 @@ from models.core.backbones import build_classifier
 from models.core.data import digits_long_tailed
 from models.core.export import export_and_calibrate, export_onnx
 from models.core.train import train_two_stage
+from tests.helpers import TINY_DATASET, tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return digits_long_tailed(BuiltinDataset(builtin="digits", imbalance_factor=0.05))
+    return digits_long_tailed(BuiltinDataset.model_validate(TINY_DATASET))
 
 
 @pytest.fixture(scope="module")
 def trained(digits, tmp_path_factory):
-    config = RunConfig(
-        augment=AugmentConfig(horizontal_flip=False),
-        stage1=Stage1Config(epochs=3, batch_size=32, lr=0.02, warmup_epochs=1, milestones=()),
-        stage2=Stage2Config(epochs=1, batch_size=32),
-    )
-    return train_two_stage(digits, config, tmp_path_factory.mktemp("run"), torch.device("cpu"))
+    config = RunConfig.model_validate(tiny_run_config(stage2={"epochs": 1}))
+    return train_two_stage(digits, config, RunFolder(tmp_path_factory.mktemp("run")), torch.device("cpu"))
 
 
 def _spec(data, groups, size=None) -> ModelSpec:

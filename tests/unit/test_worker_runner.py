@@ -14,11 +14,10 @@ from service.store.db import session_scope
 from service.store.migrate import upgrade_head
 from service.store.orm import ArtifactRow, DatasetRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
 from service.store.settings import Settings
+from tests.helpers import tiny_run_config
 from worker import runner
 
-TINY = {"augment": {"horizontal_flip": False},
-        "stage1": {"epochs": 2, "batch_size": 64, "warmup_epochs": 1, "milestones": []},
-        "stage2": {"epochs": 1, "batch_size": 64}}
+TINY = tiny_run_config(stage1={"epochs": 2}, stage2={"epochs": 1})
 
 
 @pytest.fixture

@@ -1,0 +1,216 @@
+"""Each training stage's recipe in one place: the parameters it trains, the modes of the model's
+parts, its learning rate per epoch, its random draws per epoch and its step loss.
+
+`models.core.train.run_stage` runs any recipe through one loop, so a new stage-1 loss, augmentation
+or stage-2 variant is a change to its recipe here. Every draw of an epoch is made up front from the
+epoch's generator and moved to the device at once, so the step loop never waits on a host-to-device
+copy. The ORDER of the draws fixes what a seed trains: reordering them changes every result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.contract.config import AugmentConfig, Stage1Config, Stage2Config
+from models.core.augment import CropFlip, mix, mixup_lambda
+from models.core.backbones import ImageClassifier
+from models.core.device import DeviceData, autocast, to_model_layout
+from models.core.h2t import class_balanced_indices, fuse_channels, fusion_channels
+
+
+class Step(Protocol):
+    @property
+    def size(self) -> int:
+        """Images in the step, the weight of its loss in the epoch's mean."""
+        ...
+
+
+StepT = TypeVar("StepT", bound=Step)
+
+
+class StageRecipe(Protocol[StepT]):
+    """What `run_stage` asks of a stage; each stage's answers live in its class below."""
+
+    stage: ClassVar[int]  # names the stage in checkpoints, metrics and the epoch generator's seed
+
+    @property
+    def config(self) -> Stage1Config | Stage2Config: ...
+
+    def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]: ...
+
+    def set_modes(self, model: ImageClassifier) -> None: ...
+
+    def lr_at(self, epoch: int) -> float: ...
+
+    def draw_epoch(self, labels: torch.Tensor, padding: int, feature_channels: int, generator: torch.Generator,
+                   device: torch.device) -> list[StepT]: ...
+
+    def step_loss(self, model: ImageClassifier, data: DeviceData, step: StepT,
+                  dtype: torch.dtype | None) -> torch.Tensor: ...
+
+
+def draw_crops(n: int, augment: AugmentConfig, padding: int, generator: torch.Generator) -> CropFlip:
+    return CropFlip.draw(n, padding, generator, augment.random_crop, augment.horizontal_flip)
+
+
+@dataclass(frozen=True)
+class Shuffle:
+    """The draws every epoch starts with: a shuffle of the training set and a crop/flip per image."""
+
+    order: torch.Tensor  # a permutation of the training set, on the CPU
+    sizes: list[int]  # batch sizes; the last batch may be smaller (no drop_last)
+    crops: CropFlip
+
+    @classmethod
+    def draw(cls, n: int, batch_size: int, augment: AugmentConfig, padding: int,
+             generator: torch.Generator) -> Shuffle:
+        order = torch.randperm(n, generator=generator)
+        sizes = [len(b) for b in order.split(batch_size)]
+        return cls(order, sizes, draw_crops(n, augment, padding, generator))
+
+    def batches(self, device: torch.device) -> list[tuple[torch.Tensor, CropFlip]]:
+        """Per batch, its indices and crop/flip draws on `device` (one copy each for the epoch)."""
+        return list(zip(self.order.to(device).split(self.sizes), self.crops.to(device).split(self.sizes), strict=True))
+
+
+@dataclass(frozen=True)
+class Mixup:
+    lam: float
+    perm: torch.Tensor  # each image is mixed with the image at this position of the batch
+
+
+@dataclass(frozen=True)
+class Stage1Step:
+    indices: torch.Tensor  # into the training set
+    crops: CropFlip
+    mixup: Mixup | None  # None without mixup
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+@dataclass(frozen=True)
+class Stage1Recipe:
+    """Backbone and classifier trained end to end with cross-entropy, with input mixup when alpha > 0."""
+
+    config: Stage1Config
+    augment: AugmentConfig
+    stage: ClassVar[int] = 1
+
+    def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]:
+        return list(model.parameters())
+
+    def set_modes(self, model: ImageClassifier) -> None:
+        model.train()
+
+    def lr_at(self, epoch: int) -> float:
+        """Linear warm-up, then multistep or cosine; a pure function of the 0-based epoch, as in the
+        official code, so a resumed run uses the same rates."""
+        c = self.config
+        e = epoch + 1
+        if e <= c.warmup_epochs:
+            return c.lr * e / c.warmup_epochs
+        if c.schedule == "cosine":
+            span = max(c.epochs - c.warmup_epochs, 1)
+            return 0.5 * c.lr * (1.0 + math.cos(math.pi * (e - 1 - c.warmup_epochs) / span))
+        return c.lr * c.gamma ** sum(e > m for m in c.milestones)
+
+    def draw_epoch(self, labels: torch.Tensor, padding: int, feature_channels: int, generator: torch.Generator,
+                   device: torch.device) -> list[Stage1Step]:
+        shuffle = Shuffle.draw(labels.shape[0], self.config.batch_size, self.augment, padding, generator)
+        mixups: list[Mixup | None] = [None] * len(shuffle.sizes)
+        if self.config.mixup_alpha > 0:
+            # every lambda first, then every permutation
+            lams = [mixup_lambda(self.config.mixup_alpha, generator) for _ in shuffle.sizes]
+            perms = [torch.randperm(size, generator=generator).to(device) for size in shuffle.sizes]
+            mixups = [Mixup(lam, perm) for lam, perm in zip(lams, perms, strict=True)]
+        return [Stage1Step(idx, crops, m) for (idx, crops), m in zip(shuffle.batches(device), mixups, strict=True)]
+
+    def step_loss(self, model: ImageClassifier, data: DeviceData, step: Stage1Step,
+                  dtype: torch.dtype | None) -> torch.Tensor:
+        x = to_model_layout(data.augmented(step.indices, step.crops), data.device)
+        y = data.train_labels[step.indices]
+        with autocast(data.device, dtype):
+            if step.mixup is None:
+                return F.cross_entropy(model(x).float(), y)
+            lam, perm = step.mixup.lam, step.mixup.perm
+            logits = model(mix(x, perm, lam)).float()
+            return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """H2T's fusing branch x2 of a step: instance-sampled images whose `channels` replace x1's."""
+
+    indices: torch.Tensor
+    crops: CropFlip
+    channels: torch.Tensor  # one channel subset for the whole batch, as in the official code
+
+
+@dataclass(frozen=True)
+class Stage2Step:
+    indices: torch.Tensor  # class-balanced: the fused branch x1, which gives the labels
+    crops: CropFlip
+    fusion: Fusion | None  # None for cRT/DR (no fusion)
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+@dataclass(frozen=True)
+class Stage2Recipe:
+    """The classifier re-trained on the frozen backbone with class-balanced batches and plain CE,
+    fusing channels of instance-sampled feature maps into them (H2T) when the fusion ratio is > 0."""
+
+    config: Stage2Config
+    augment: AugmentConfig
+    stage: ClassVar[int] = 2
+
+    def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]:
+        model.backbone.requires_grad_(False)  # frozen: no gradient is even computed for it
+        return list(model.head.parameters())
+
+    def set_modes(self, model: ImageClassifier) -> None:
+        model.train()
+        if not self.config.shift_bn:
+            model.backbone.eval()  # BatchNorm keeps stage 1's running statistics
+
+    def lr_at(self, epoch: int) -> float:
+        """Per-epoch cosine decay from the peak at epoch 0."""
+        return 0.5 * self.config.lr * (1.0 + math.cos(math.pi * epoch / self.config.epochs))
+
+    def draw_epoch(self, labels: torch.Tensor, padding: int, feature_channels: int, generator: torch.Generator,
+                   device: torch.device) -> list[Stage2Step]:
+        n = labels.shape[0]
+        # the instance shuffle is drawn even without fusion, so rho 0 and rho > 0 see the same x1
+        shuffle = Shuffle.draw(n, self.config.batch_size, self.augment, padding, generator)
+        balanced = class_balanced_indices(labels.cpu(), n, generator).to(device).split(shuffle.sizes)
+        balanced_crops = draw_crops(n, self.augment, padding, generator).to(device).split(shuffle.sizes)
+        fusions: list[Fusion | None] = [None] * len(shuffle.sizes)
+        rho = self.config.fusion_ratio
+        if rho > 0:
+            channels = [fusion_channels(feature_channels, rho, generator).to(device) for _ in shuffle.sizes]
+            instances = shuffle.batches(device)
+            fusions = [Fusion(idx, crops, ch) for (idx, crops), ch in zip(instances, channels, strict=True)]
+        return [Stage2Step(idx, crops, f) for idx, crops, f in zip(balanced, balanced_crops, fusions, strict=True)]
+
+    def step_loss(self, model: ImageClassifier, data: DeviceData, step: Stage2Step,
+                  dtype: torch.dtype | None) -> torch.Tensor:
+        device = data.device
+        x1 = to_model_layout(data.augmented(step.indices, step.crops), device)
+        y = data.train_labels[step.indices]
+        with torch.no_grad(), autocast(device, dtype):  # the backbone is frozen: keep no graph of it
+            maps = model.forward_features(x1)
+            if step.fusion is not None:
+                x2 = to_model_layout(data.augmented(step.fusion.indices, step.fusion.crops), device)
+                maps = fuse_channels(maps, model.forward_features(x2), step.fusion.channels)
+        with autocast(device, dtype):
+            return F.cross_entropy(model.forward_head(maps).float(), y)
