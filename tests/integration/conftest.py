@@ -1,4 +1,4 @@
-"""Integration fixtures: a fresh PostgreSQL database migrated by Alembic, a private Redis queue,
+"""Integration fixtures: per test a fresh PostgreSQL database migrated by Alembic, a private Redis queue,
 real worker processes started with `python -m h2t worker`. No fakes, no eager Celery.
 
 Servers: H2T_TEST_PG_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test) and
@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +22,9 @@ import redis
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from service.store.db import session_scope
 from service.store.migrate import upgrade_head
+from service.store.orm import ArtifactRow, MetricRow
 from service.store.settings import Settings
 from tests.conftest import SHARED_DATA
 
@@ -53,25 +54,80 @@ def admin_engine() -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-@pytest.fixture(scope="session")
-def make_database(admin_engine: sa.Engine) -> Iterator[Callable[[], str]]:
-    """Creates empty PostgreSQL databases on demand; drops them all at the end."""
-    created: list[str] = []
+class Databases:
+    """PostgreSQL databases for the tests, every one dropped by `drop` or at the end of the session.
 
-    def make() -> str:
+    `empty()` is a database with no schema (for the tests of the migrations themselves); `migrated()`
+    is a copy (`CREATE DATABASE ... TEMPLATE`) of one template database that Alembic migrated to head
+    once per session, which costs a file copy instead of a migration per test.
+    """
+
+    def __init__(self, admin_engine: sa.Engine) -> None:
+        self.admin_engine = admin_engine
+        self.created: list[str] = []
+        self.template: str | None = None
+
+    def _url(self, name: str) -> str:
+        return self.admin_engine.url.set(database=name).render_as_string(hide_password=False)
+
+    def _create(self, template: str | None = None) -> str:
         name = f"h2t_it_{uuid.uuid4().hex[:12]}"
-        with admin_engine.connect() as connection:
-            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        created.append(name)
-        return admin_engine.url.set(database=name).render_as_string(hide_password=False)
+        clause = f' TEMPLATE "{template}"' if template else ""
+        with self.admin_engine.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"{clause}'))
+        self.created.append(name)
+        return self._url(name)
 
-    yield make
+    def empty(self) -> str:
+        return self._create()
+
+    def migrated(self) -> str:
+        if self.template is None:
+            url = self._create()
+            upgrade_head(url)
+            self.template = sa.make_url(url).database
+            _release(url)
+            # Copying needs a template nobody is connected to: refuse connections from now on, and make
+            # sure none is left over (whatever upgrade_head may have kept open).
+            with self.admin_engine.connect() as connection:
+                connection.execute(sa.text(f'ALTER DATABASE "{self.template}" WITH ALLOW_CONNECTIONS false'))
+                connection.execute(
+                    sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                    {"name": self.template},
+                )
+        return self._create(template=self.template)
+
+    def drop(self, url: str) -> None:
+        name = sa.make_url(url).database
+        _release(url)
+        with self.admin_engine.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if name in self.created:
+            self.created.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self.created):
+            self.drop(self._url(name))
+
+
+def _release(url: str) -> None:
+    """Closes the pooled connections the code under test holds to `url` (engines are cached per URL)."""
     from service.store.db import get_engine
 
-    get_engine.cache_clear()
-    with admin_engine.connect() as connection:
-        for name in created:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    get_engine(url).dispose()
+
+
+@pytest.fixture(scope="session")
+def databases(admin_engine: sa.Engine) -> Iterator[Databases]:
+    made = Databases(admin_engine)
+    yield made
+    made.drop_all()
+
+
+@pytest.fixture(scope="session")
+def make_database(databases: Databases) -> Callable[[], str]:
+    """Creates empty PostgreSQL databases on demand (no schema: the migrations' own tests)."""
+    return databases.empty
 
 
 @pytest.fixture(scope="session")
@@ -83,16 +139,17 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture(scope="session")
-def database_url(make_database: Callable[[], str]) -> str:
-    url = make_database()
-    upgrade_head(url)
-    return url
+@pytest.fixture
+def database_url(databases: Databases) -> Iterator[str]:
+    """This test's own migrated database, dropped when the test ends (after its workers are stopped)."""
+    url = databases.migrated()
+    yield url
+    databases.drop(url)
 
 
 @pytest.fixture
 def settings(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
-    """Per test: its own queue and artifact dir on the shared migrated database; fast heartbeats."""
+    """Per test: its own migrated database, queue and artifact dir; fast heartbeats."""
     queue = f"h2t-it-{uuid.uuid4().hex[:8]}"
     yield Settings(
         database_url=database_url,
@@ -184,11 +241,15 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+def stored_metric_rows(database_url: str) -> list[tuple[str, int, int]]:
+    """Every metric row of a test's database as (run_id, stage, epoch), sorted: a duplicate shows."""
+    with session_scope(database_url) as session:
+        return sorted(
+            tuple(row) for row in session.execute(sa.select(MetricRow.run_id, MetricRow.stage, MetricRow.epoch))
+        )
+
+
+def stored_artifacts(database_url: str) -> list[tuple[str, str]]:
+    """Every artifact row of a test's database as (run_id, kind), sorted: a duplicate shows."""
+    with session_scope(database_url) as session:
+        return sorted(tuple(row) for row in session.execute(sa.select(ArtifactRow.run_id, ArtifactRow.kind)))

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SHARED_DATA
-from tests.integration.conftest import wait_for
+from tests.helpers import create_tiny_dataset, metric_sample, submit_run, wait_for, wait_for_run
 from tests.unit.test_deploy_files import resolved_compose
 
 pytestmark = pytest.mark.integration
@@ -49,13 +49,6 @@ def _local_env(service: dict, database_url: str, redis_url: str, tmp_path: Path)
         "H2T_HEARTBEAT_INTERVAL_S": "1",
         "H2T_HEARTBEAT_TIMEOUT_S": "10",
     }
-
-
-def _metric(text: str, name: str, labels: str = "") -> float:
-    for line in text.splitlines():
-        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _port_free(port: int) -> bool:
@@ -100,22 +93,11 @@ def test_compose_commands_run_outside_docker_complete_a_run_and_move_the_metrics
             wait_for(lambda: _ready(api), 90, "the api service's /readyz")
             before = api.get("/metrics").text
 
-            dataset = api.post("/v1/datasets", json={"builtin": "digits"}).json()
-            run = api.post(
-                "/v1/runs",
-                json={
-                    "dataset_id": dataset["id"],
-                    "augment": {"horizontal_flip": False},
-                    "stage1": {"epochs": 3, "batch_size": 32, "warmup_epochs": 1, "milestones": []},
-                    "stage2": {"epochs": 2, "batch_size": 32},
-                },
-            ).json()
-            final = wait_for(
-                lambda: (r := api.get(f"/v1/runs/{run['id']}").json())["status"] in ("succeeded", "failed") and r,
-                240,
-                "the run",
-            )
-            assert final["status"] == "succeeded", final["error"] + (tmp_path / "worker.log").read_text()[-2000:]
+            run = submit_run(api, create_tiny_dataset(api))
+            try:
+                wait_for_run(api, run["id"], ("succeeded",), 240)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{(tmp_path / 'worker.log').read_text()[-2000:]}") from None
             after_run = api.get("/metrics").text
 
             buffer = io.BytesIO()
@@ -127,22 +109,18 @@ def test_compose_commands_run_outside_docker_complete_a_run_and_move_the_metrics
             assert answer.status_code == 200, answer.text
             after_predict = api.get("/metrics").text
 
-        assert _metric(after_run, "h2t_epochs_trained_total") - _metric(before, "h2t_epochs_trained_total") == 5
-        assert (
-            _metric(after_run, "h2t_runs", '{status="succeeded"}')
-            == _metric(before, "h2t_runs", '{status="succeeded"}') + 1
-        )
-        assert _metric(after_run, "h2t_models") == _metric(before, "h2t_models") + 1
-        assert _metric(after_run, "h2t_queue_depth", f'{{queue="{queue_env}"}}') == 0
+        # the database is this test's own and the api process is fresh: every count starts at 0
+        counters = ("h2t_epochs_trained_total", 'h2t_runs{status="succeeded"}', "h2t_models")
+        assert [metric_sample(before, name) for name in counters] == [0, 0, 0]
+        assert [metric_sample(after_run, name) for name in counters] == [5, 1, 1]  # 3 + 2 epochs, one model
+        assert metric_sample(after_run, f'h2t_queue_depth{{queue="{queue_env}"}}') == 0
         route = 'h2t_http_request_duration_seconds_count{method="POST",route="/v1/runs",status="202"}'
-        assert route in after_run and route not in before
-        assert (
-            _metric(after_predict, "h2t_predicted_images_total") == _metric(after_run, "h2t_predicted_images_total") + 2
-        )
-        assert (
-            _metric(after_predict, "h2t_predict_batch_size_count")
-            >= _metric(after_run, "h2t_predict_batch_size_count") + 1
-        )
+        assert route not in before and metric_sample(after_run, route) == 1
+        assert metric_sample(after_run, "h2t_predicted_images_total") == 0
+        assert metric_sample(after_predict, "h2t_predicted_images_total") == 2
+        # the request's two images went through onnxruntime together, in one call
+        assert metric_sample(after_predict, "h2t_predict_batch_size_count") == 1
+        assert metric_sample(after_predict, "h2t_predict_batch_size_sum") == 2
         predict_route = 'route="/v1/models/{model_id}/predict",status="200"'
         assert predict_route in after_predict
         # structured logs with run ids

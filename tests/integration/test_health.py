@@ -4,8 +4,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from tests.helpers import create_tiny_dataset, metric_sample, submit_run
 
 pytestmark = pytest.mark.integration
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")  # each an h2t_runs label
 
 
 def test_readyz_is_200_when_database_and_broker_answer(client):
@@ -40,11 +42,12 @@ def test_openapi_documents_the_api_and_its_key(client):
 
 
 def test_metrics_count_queued_runs_and_the_broker_queue_depth(client, settings):
-    dataset = client.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
+    dataset = create_tiny_dataset(client)
     for _ in range(2):  # no worker is running: both wait in the broker
-        assert client.post("/v1/runs", json={"dataset_id": dataset}).status_code == 202
+        submit_run(client, dataset)
     text = client.get("/metrics").text
-    assert f'h2t_queue_depth{{queue="{settings.queue_name}"}} 2.0' in text
-    queued = next(line for line in text.splitlines() if line.startswith('h2t_runs{status="queued"}'))
-    assert float(queued.split()[-1]) >= 2
-    assert "h2t_store_up 1.0" in text
+    assert metric_sample(text, f'h2t_queue_depth{{queue="{settings.queue_name}"}}') == 2
+    runs = {status: metric_sample(text, f'h2t_runs{{status="{status}"}}') for status in RUN_STATUSES}
+    assert runs == {status: 2 if status == "queued" else 0 for status in RUN_STATUSES}
+    assert metric_sample(text, "h2t_epochs_trained_total") == 0 and metric_sample(text, "h2t_models") == 0
+    assert metric_sample(text, "h2t_store_up") == 1

@@ -10,7 +10,7 @@ from service.store.migrate import check_no_drift, downgrade_base, upgrade_head
 from service.store.orm import Base
 
 pytestmark = pytest.mark.integration
-TABLES = {"datasets", "runs", "metrics", "artifacts"}
+TABLES = {"datasets", "runs", "metrics", "artifacts", "models"}
 
 
 def _tables(url: str) -> set[str]:
@@ -31,9 +31,9 @@ def empty_database(request, tmp_path) -> str:
 def test_migrations_upgrade_an_empty_database_to_head_and_downgrade_back(empty_database):
     assert _tables(empty_database) == set()
     upgrade_head(empty_database)
-    assert _tables(empty_database) == set(Base.metadata.tables) >= TABLES
+    assert _tables(empty_database) == set(Base.metadata.tables) == TABLES
     check_no_drift(empty_database)
     downgrade_base(empty_database)
     assert _tables(empty_database) == set()
     upgrade_head(empty_database)  # and up again
-    assert _tables(empty_database) == set(Base.metadata.tables)
+    assert _tables(empty_database) == TABLES

@@ -20,26 +20,23 @@ from models.core.data import digits_long_tailed
 from service.api.app import create_app
 from service.store.settings import Settings
 from tests.conftest import SHARED_DATA
-from tests.integration.conftest import API_KEY, spawn_worker, wait_for
+from tests.helpers import TINY_DATASET, create_tiny_dataset, submit_run, wait_for_run
+from tests.integration.conftest import API_KEY, spawn_worker
 
 pytestmark = pytest.mark.integration
-TINY_RUN = {
-    "augment": {"horizontal_flip": False},
-    "stage1": {"epochs": 4, "batch_size": 32, "warmup_epochs": 1, "milestones": [], "lr": 0.02},
-    "stage2": {"epochs": 2, "batch_size": 32},
-}
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return digits_long_tailed(BuiltinDataset(builtin="digits", imbalance_factor=0.05))
+    return digits_long_tailed(BuiltinDataset(**TINY_DATASET))  # the dataset the served run trained on
 
 
 @pytest.fixture(scope="module")
-def served(database_url, redis_url, tmp_path_factory):
-    """One run trained by a real worker; yields its settings and model id."""
+def served(databases, redis_url, tmp_path_factory):
+    """One run trained by a real worker on this module's own database; yields its settings, its model
+    id and the id of a second run, cancelled while queued."""
     settings = Settings(
-        database_url=database_url,
+        database_url=databases.migrated(),
         broker_url=redis_url,
         artifact_dir=tmp_path_factory.mktemp("serving") / "artifacts",
         data_root=SHARED_DATA,
@@ -52,19 +49,18 @@ def served(database_url, redis_url, tmp_path_factory):
     worker = spawn_worker(settings, tmp_path_factory.mktemp("logs") / "worker.log")
     try:
         with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
-            dataset = client.post("/v1/datasets", json={"builtin": "digits", "imbalance_factor": 0.05}).json()
-            run = client.post("/v1/runs", json={"dataset_id": dataset["id"], **TINY_RUN}).json()
-            final = wait_for(
-                lambda: (r := client.get(f"/v1/runs/{run['id']}").json())["status"] in ("succeeded", "failed") and r,
-                240,
-                "the training run",
-            )
-            assert final["status"] == "succeeded", final["error"] + worker.log()[-2000:]
-            queued = client.post("/v1/runs", json={"dataset_id": dataset["id"], **TINY_RUN}).json()
-            client.post(f"/v1/runs/{queued['id']}/cancel")
+            dataset = create_tiny_dataset(client)
+            run = submit_run(client, dataset, stage1={"epochs": 4})
+            try:
+                final = wait_for_run(client, run["id"], ("succeeded",), 240)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{worker.log()[-2000:]}") from None
+            queued = submit_run(client, dataset, stage1={"epochs": 4})
+            assert client.post(f"/v1/runs/{queued['id']}/cancel").json()["status"] == "cancelled"
         yield settings, final["model_id"], queued["id"]
     finally:
         worker.stop(signal.SIGKILL)
+        databases.drop(settings.database_url)
 
 
 @pytest.fixture
@@ -97,7 +93,7 @@ def test_a_succeeded_run_registers_its_model_with_parity_and_sha256(api, served,
     assert set(model["calibration"]) == {"overall", "many", "medium", "few"}
     _, response = _downloaded_session(api, model_id, tmp_path)
     assert hashlib.sha256(response.content).hexdigest() == model["onnx_sha256"]
-    assert model_id in [m["id"] for m in api.get("/v1/models").json()["data"]]
+    assert [m["id"] for m in api.get("/v1/models").json()["data"]] == [model_id]  # not the cancelled run
 
 
 def test_stored_calibration_equals_an_independent_recomputation_from_the_onnx_outputs(api, served, digits, tmp_path):
