@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
+from service.store.orm import TERMINAL
+
 # The builtin long-tailed digits set (10 classes, small images): a run trains in seconds on a CPU.
 TINY_DATASET: dict[str, Any] = {"builtin": "digits", "imbalance_factor": 0.05}
 
@@ -22,9 +24,6 @@ _TINY_RUN: dict[str, Any] = {
     "stage1": {"epochs": 3, "batch_size": 32, "warmup_epochs": 1, "milestones": [], "lr": 0.02},
     "stage2": {"epochs": 2, "batch_size": 32},
 }
-
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-
 
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
@@ -65,7 +64,7 @@ def get_run(client: Any, run_id: str) -> dict[str, Any]:
 def wait_for_run(
     client: Any,
     run_id: str,
-    statuses: Collection[str] = TERMINAL_STATUSES,
+    statuses: Collection[str] = TERMINAL,
     timeout: float = 240,
     interval: float = 0.2,
 ) -> dict[str, Any]:
@@ -79,7 +78,7 @@ def wait_for_run(
         run = get_run(client, run_id)
         if run["status"] in statuses:
             return run
-        if run["status"] in TERMINAL_STATUSES:
+        if run["status"] in TERMINAL:
             raise AssertionError(f"run {run_id} ended {run['status']}, not {' or '.join(statuses)}: {run['error']}")
         if time.monotonic() >= deadline:
             raise AssertionError(
