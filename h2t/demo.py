@@ -23,6 +23,7 @@ from models.contract.config import AugmentConfig, BuiltinDataset, LocalTrainConf
 from models.contract.layout import RunFolder
 from models.contract.metrics import EpochMetrics
 from models.contract.reporting import epoch_line, group_rows_table
+from service.store.orm import TERMINAL
 
 # scikit-learn's real 8x8 handwritten digits (shipped in its wheel), made long-tailed: 144 down to 7
 # training images per class, 30 balanced test images per class. Trains in well under a minute on a CPU.
@@ -33,7 +34,6 @@ DEMO_CONFIG = LocalTrainConfig(
                         warmup_epochs=2, mixup_alpha=0.0),
     stage2=Stage2Config(method="h2t", rho=0.25, epochs=10, batch_size=32, lr=0.02, weight_decay=5e-4),
 )
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def demo_config(stage1_epochs: int | None = None, stage2_epochs: int | None = None) -> LocalTrainConfig:
@@ -101,11 +101,6 @@ def _check(response: httpx.Response) -> dict:
     return response.json()
 
 
-def _stored_epoch(row: dict, epochs: int) -> EpochMetrics:
-    """A stored metrics row (GET /v1/runs/{id}/metrics) as the trainer reported it."""
-    return EpochMetrics.model_validate({**row, "epochs": epochs})  # keys the record lacks are ignored
-
-
 def report_table(dataset: dict, last: dict) -> str:
     """Per-group table of a stored metrics row, with class and image counts from the dataset."""
     return group_rows_table(dataset["groups"], dataset["train_counts"], dataset["test_counts"], {
@@ -163,14 +158,14 @@ def _drive(client: httpx.Client, config: LocalTrainConfig, processes: dict[str, 
     run = _check(client.post("/v1/runs", json=body))
     print(f"POST /v1/runs -> {run['id']}: {run['status']}", flush=True)
     shown: set[tuple[int, int]] = set()
-    epochs = {1: config.stage1.epochs, 2: config.stage2.epochs}
     status = run["status"]
     while True:
         run = _check(client.get(f"/v1/runs/{run['id']}"))
         for row in _check(client.get(f"/v1/runs/{run['id']}/metrics"))["data"]:
             if (row["stage"], row["epoch"]) not in shown:
                 shown.add((row["stage"], row["epoch"]))
-                print(epoch_line(_stored_epoch(row, epochs[row["stage"]])), flush=True)
+                # a stored row is the trainer's record plus when it was written
+                print(epoch_line(EpochMetrics.model_validate(row)), flush=True)
         if run["status"] != status:
             status = run["status"]
             print(f"run is {status}", flush=True)
