@@ -198,6 +198,7 @@ def main() -> int:
     if not args.tables_only:
         execute(jobs, args)
     text = tables(jobs, args)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
     print(text)
     return 0
