@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.contract.config import GroupConfig
+
 GROUP_NAMES = ("many", "medium", "few")
 
 
@@ -100,24 +102,24 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return ece_from_bins(reliability_bins(probs.max(axis=1), correct, n_bins))
 
 
-def class_groups(
-    train_counts: Sequence[int],
-    many_threshold: int = 100,
-    few_threshold: int = 20,
-    slices: Sequence[Sequence[int]] | None = None,
-) -> list[str]:
-    """The group of each class: by explicit index slices, else by training count (many > 100, few < 20)."""
-    if slices is not None:
+DEFAULT_GROUPS = GroupConfig()
+
+
+def class_groups(train_counts: Sequence[int], config: GroupConfig = DEFAULT_GROUPS) -> list[str]:
+    """The group of each class: by the config's index slices, else by training count (the defaults:
+    many > 100, few < 20)."""
+    if config.slices is not None:
         groups = []
         for cls in range(len(train_counts)):
-            for name, (lo, hi) in zip(GROUP_NAMES, slices, strict=True):
+            for name, (lo, hi) in zip(GROUP_NAMES, config.slices, strict=True):
                 if lo <= cls < hi:
                     groups.append(name)
                     break
             else:
-                raise ValueError(f"class {cls} is in no group slice {list(slices)}")
+                raise ValueError(f"class {cls} is in no group slice {list(config.slices)}")
         return groups
-    return ["many" if n > many_threshold else "few" if n < few_threshold else "medium" for n in train_counts]
+    return ["many" if n > config.many_threshold else "few" if n < config.few_threshold else "medium"
+            for n in train_counts]
 
 
 def evaluate_predictions(

@@ -131,8 +131,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 
 def run_groups(dataset: Dataset, config: RunConfig) -> list[str]:
     """The many/medium/few group of each class, as the run's config defines them."""
-    return class_groups(dataset.train_counts(), config.groups.many_threshold, config.groups.few_threshold,
-                        config.groups.slices)
+    return class_groups(dataset.train_counts(), config.groups)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from models.contract.config import GroupConfig
 from models.contract.metrics import class_groups, evaluate_predictions, expected_calibration_error, reliability_bins
 
 
@@ -51,7 +52,7 @@ def test_class_groups_by_training_counts_use_thresholds_100_and_20():
 
 
 def test_class_groups_by_explicit_slices():
-    groups = class_groups([1] * 10, slices=[[0, 3], [3, 7], [7, 10]])
+    groups = class_groups([1] * 10, GroupConfig(slices=((0, 3), (3, 7), (7, 10))))
     assert groups == ["many"] * 3 + ["medium"] * 4 + ["few"] * 3
 
 
