@@ -30,7 +30,7 @@ class DatasetPublic(BaseModel):
     class_names: list[str]
     train_counts: list[int]
     test_counts: list[int]
-    groups: list[str] = Field(description="many/medium/few per class by training count, with the default group thresholds")
+    groups: list[str] = Field(description="many/medium/few per class by training count (default thresholds)")
     image_size: int
     created_at: datetime
 
