@@ -1,11 +1,12 @@
-"""Request dependencies: settings and one database session per request (one unit of work)."""
+"""Request dependencies: settings, one database session per request (one unit of work), list pages."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
 from service.store.db import session_scope
@@ -22,5 +23,19 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+@dataclass(frozen=True)
+class Page:
+    """Which slice of a list: the query parameters every list endpoint takes."""
+
+    limit: int
+    offset: int
+
+
+def get_page(limit: Annotated[int, Query(ge=1, le=500, description="items per page")] = 50,
+             offset: Annotated[int, Query(ge=0, description="items to skip")] = 0) -> Page:
+    return Page(limit, offset)
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+PageDep = Annotated[Page, Depends(get_page)]
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -3,9 +3,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 from starlette.datastructures import UploadFile
 
 from models.contract.layout import ArtifactLayout
@@ -13,7 +12,7 @@ from service.api.auth import ApiKey
 from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
 from service.api.datasets import service
 from service.api.datasets.schemas import ArchiveDatasetForm, BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.store.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -68,9 +67,8 @@ async def create_dataset(request: Request, response: Response, session: SessionD
 
 
 @router.get("", response_model=DatasetsPublic)
-def list_datasets(session: SessionDep, _: ApiKey, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> DatasetsPublic:
-    rows, total = service.list_datasets(session, limit, offset)
+def list_datasets(session: SessionDep, _: ApiKey, page: PageDep) -> DatasetsPublic:
+    rows, total = service.list_datasets(session, page.limit, page.offset)
     return DatasetsPublic(data=[service.to_public(r) for r in rows], count=total)
 
 

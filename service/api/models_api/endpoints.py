@@ -3,17 +3,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
 from models.contract.onnx_model import decode_image
 from service.api.auth import ApiKey
 from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.models_api import service
 from service.api.models_api.schemas import (
     CalibrationPublic,
@@ -34,9 +33,8 @@ _PREDICT_BODY = json_or_multipart_body(PredictJSON, PredictOptions, {
 
 
 @router.get("", response_model=ModelsPublic)
-def list_models(session: SessionDep, _: ApiKey, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                offset: Annotated[int, Query(ge=0)] = 0) -> ModelsPublic:
-    rows, total = service.list_models(session, limit, offset)
+def list_models(session: SessionDep, _: ApiKey, page: PageDep) -> ModelsPublic:
+    rows, total = service.list_models(session, page.limit, page.offset)
     return ModelsPublic(data=[service.to_public(m, r) for m, r in rows], count=total)
 
 

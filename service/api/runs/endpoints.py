@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 
 from service.api.auth import ApiKey
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.runs import service
 from service.api.runs.schemas import MetricsPublic, RunCreate, RunPublic, RunsPublic
 from service.store import runs
@@ -37,9 +36,8 @@ def create_run(body: RunCreate, request: Request, response: Response, session: S
 
 
 @router.get("", response_model=RunsPublic)
-def list_runs(session: SessionDep, _: ApiKey, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0, status: RunStatus | None = None) -> RunsPublic:
-    rows, total = service.list_runs(session, limit, offset, status)
+def list_runs(session: SessionDep, _: ApiKey, page: PageDep, status: RunStatus | None = None) -> RunsPublic:
+    rows, total = service.list_runs(session, page.limit, page.offset, status)
     return RunsPublic(data=service.to_public_many(session, rows), count=total)
 
 
