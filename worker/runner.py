@@ -66,12 +66,12 @@ class Heartbeat(threading.Thread):
                 log.exception("heartbeat failed", extra={"run_id": self.run_id})
 
 
-def _stored(store: ArtifactLayout, kind: str, path: Path) -> StoredFile:
-    return StoredFile(kind, store.relative(path), path.stat().st_size, sha256_file(path))
+def _stored(artifacts: ArtifactLayout, kind: str, path: Path) -> StoredFile:
+    return StoredFile(kind, artifacts.relative(path), path.stat().st_size, sha256_file(path))
 
 
-def _checkpoint_files(store: ArtifactLayout, folder: RunFolder) -> list[StoredFile]:
-    return [_stored(store, checkpoint_kind(stage), folder.checkpoint(stage))
+def _checkpoint_files(artifacts: ArtifactLayout, folder: RunFolder) -> list[StoredFile]:
+    return [_stored(artifacts, checkpoint_kind(stage), folder.checkpoint(stage))
             for stage in STAGES if folder.checkpoint(stage).exists()]
 
 
@@ -124,20 +124,20 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec,
         if status == RunStatus.cancelling:
             raise TrainingCancelled
 
-    store = ArtifactLayout(settings.artifact_dir)
-    folder = store.run(run_id)
+    artifacts = settings.artifacts
+    folder = artifacts.run(run_id)
     exported, files = None, []
     try:
-        dataset = load_dataset(spec, settings.data_root, store)
+        dataset = load_dataset(spec, settings.data_root, artifacts)
         result = train_two_stage(dataset, config, folder, resolve_device(), on_epoch,
-                                 store.run(stage1_from) if stage1_from else None, stop.is_set)
+                                 artifacts.run(stage1_from) if stage1_from else None, stop.is_set)
         try:
             served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx)
         except Exception as exc:
             raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-        exported = ExportedModel(_stored(store, ONNX_KIND, served.export.path), served.spec,
+        exported = ExportedModel(_stored(artifacts, ONNX_KIND, served.export.path), served.spec,
                                  served.export.parity_max_abs_diff, served.export.parity_images, served.calibration)
-        files = _checkpoint_files(store, folder)
+        files = _checkpoint_files(artifacts, folder)
         status, error = RunStatus.succeeded, None
     except ClaimLost:
         return Outcome.lost

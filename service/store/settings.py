@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.contract.layout import ArtifactLayout
+
 DEFAULT_HOME = Path("./h2t-data")
 
 
@@ -56,6 +58,11 @@ class Settings(BaseSettings):
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
             raise ValueError("H2T_HEARTBEAT_TIMEOUT_S must exceed twice H2T_HEARTBEAT_INTERVAL_S")
         return self
+
+    @property
+    def artifacts(self) -> ArtifactLayout:
+        """The artifact store's layout; stored paths are relative to it."""
+        return ArtifactLayout(self.artifact_dir)
 
     def require_api_keys(self) -> None:
         if not self.api_keys:

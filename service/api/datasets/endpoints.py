@@ -7,7 +7,6 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response, status
 from starlette.datastructures import UploadFile
 
-from models.contract.layout import ArtifactLayout
 from service.api.auth import ApiKey
 from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
 from service.api.datasets import service
@@ -48,16 +47,15 @@ async def create_dataset(request: Request, response: Response, session: SessionD
             raise InvalidInput(f"multipart body needs a file field named {_ARCHIVE_FIELD!r}")
         fields = parse_form_fields(form, ArchiveDatasetForm, (_ARCHIVE_FIELD,), "archive upload")
         default_name = Path(archive.filename or "upload").name.split(".")[0][:200]
-        store = ArtifactLayout(settings.artifact_dir)
-        store.uploads.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=store.uploads) as tmp:
+        settings.artifacts.uploads.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=settings.artifacts.uploads) as tmp:
             upload_path = Path(tmp) / "upload"
             await _spool_upload(archive, upload_path, settings.max_upload_bytes)
             row = service.create_from_archive(session, settings, upload_path, fields, default_name)
         try:
             session.commit()
         except BaseException:
-            shutil.rmtree(store.dataset(row.id), ignore_errors=True)
+            shutil.rmtree(settings.artifacts.dataset(row.id), ignore_errors=True)
             raise
     else:
         raise UnsupportedMediaType(

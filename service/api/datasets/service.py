@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 
 from models.contract.catalog import describe_builtin
 from models.contract.config import ArchiveDataset, BuiltinDataset
-from models.contract.layout import ArtifactLayout
 from models.contract.metrics import class_groups
 from service.api.datasets.archive import ArchiveLimits, extract_image_folder
 from service.api.datasets.schemas import ArchiveDatasetForm, BuiltinDatasetCreate, DatasetPublic
@@ -49,14 +48,13 @@ def create_from_archive(
 ) -> DatasetRow:
     """Check and extract into a scratch folder, then move it into place; nothing stays on failure."""
     dataset_id = str(uuid.uuid4())
-    store = ArtifactLayout(settings.artifact_dir)
-    scratch, final = store.incoming_dataset(dataset_id), store.dataset(dataset_id)
+    scratch, final = settings.artifacts.incoming_dataset(dataset_id), settings.artifacts.dataset(dataset_id)
     scratch.parent.mkdir(parents=True, exist_ok=True)
     try:
         limits = ArchiveLimits(settings.max_archive_members, settings.max_archive_bytes, settings.max_image_pixels)
         summary = extract_image_folder(archive_path, scratch, limits)
         scratch.rename(final)
-        spec = ArchiveDataset(archive=store.relative(final), image_size=form.image_size)
+        spec = ArchiveDataset(archive=settings.artifacts.relative(final), image_size=form.image_size)
         row = DatasetRow(id=dataset_id, name=form.name or default_name, spec=spec.model_dump(mode="json"),
                          class_names=list(summary.class_names), train_counts=list(summary.train_counts),
                          test_counts=list(summary.test_counts), image_size=form.image_size)
@@ -91,4 +89,4 @@ def delete(session: Session, settings: Settings, dataset_id: str) -> Path | None
     spec = row.dataset_spec()
     session.delete(row)
     session.flush()
-    return ArtifactLayout(settings.artifact_dir).resolve(spec.archive) if isinstance(spec, ArchiveDataset) else None
+    return settings.artifacts.resolve(spec.archive) if isinstance(spec, ArchiveDataset) else None

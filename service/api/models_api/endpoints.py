@@ -47,7 +47,7 @@ def get_model(model_id: str, session: SessionDep, _: ApiKey) -> ModelPublic:
             responses={200: {"content": {"application/octet-stream": {}}}})
 def download_onnx(model_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey) -> FileResponse:
     row, _run = service.get(session, model_id)
-    return FileResponse(settings.artifact_dir / row.onnx_path, media_type="application/octet-stream",
+    return FileResponse(settings.artifacts.resolve(row.onnx_path), media_type="application/octet-stream",
                         filename=f"h2t-{model_id}.onnx", headers={"ETag": f'"{row.sha256}"'})
 
 
@@ -111,7 +111,7 @@ async def predict(model_id: str, request: Request, _: ApiKey) -> JSONResponse:
         with session_scope(settings.database_url) as session:
             return service.serving_record(session, key)
 
-    loaded = await request.app.state.models.get(model_id, lookup, settings.artifact_dir)
+    loaded = await request.app.state.models.get(model_id, lookup, settings.artifacts)
     blobs, top_k = await _read_images(request, settings)
     images = await asyncio.to_thread(_decode_all, blobs, loaded.spec.image_size, settings.max_image_pixels)
     probs = await loaded.probabilities(images)

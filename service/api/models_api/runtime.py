@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.contract.layout import ArtifactLayout
 from models.contract.onnx_model import ModelSpec, load_session, run_probabilities, session_spec, sha256_file
 from service.api.models_api.service import ServingRecord
 from service.store.errors import ResourceConflict
@@ -115,7 +116,8 @@ class ModelCache:
     _models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def get(self, model_id: str, lookup: Callable[[str], ServingRecord], artifact_dir: Path) -> LoadedModel:
+    async def get(self, model_id: str, lookup: Callable[[str], ServingRecord],
+                  artifacts: ArtifactLayout) -> LoadedModel:
         """The loaded model, from the cache or loaded now; `lookup` reads its record from the store
         (and raises the 404/409 of unknown or unfinished models)."""
         loaded = self._models.get(model_id)
@@ -126,7 +128,7 @@ class ModelCache:
             if model_id in self._models:
                 return self._models[model_id]
             record = await asyncio.to_thread(lookup, model_id)
-            session = await asyncio.to_thread(self._load, artifact_dir / record.onnx_path, record.sha256)
+            session = await asyncio.to_thread(self._load, artifacts.resolve(record.onnx_path), record.sha256)
             batcher = Batcher(lambda x: run_probabilities(session, x, batch_size=max(len(x), 1)),
                               self.max_batch_images, self.max_wait_s, self.on_batch) if self.batching else None
             loaded = LoadedModel(record, session_spec(session), session, batcher)
