@@ -1,5 +1,5 @@
 """Request bodies that are JSON or multipart, validated by pydantic models in both cases, with
-schema errors turned into the same 422 problem+json as everywhere else. Each limit lives in the
+schema errors raised as FastAPI's own validation error, so every 422 has one shape. Each limit lives in the
 model (or the type it uses), so the JSON path, the multipart path and the OpenAPI agree."""
 
 from __future__ import annotations
@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData
-
-from service.store.errors import InvalidInput
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -19,24 +18,25 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _invalid(exc: ValidationError, what: str) -> InvalidInput:
-    return InvalidInput(f"invalid {what}", errors=[{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()])
+def _invalid(exc: ValidationError) -> RequestValidationError:
+    """The same 422 as FastAPI gives a body it validates itself (one handler formats both)."""
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)])
 
 
-async def parse_json(request: Request, schema: type[Schema], what: str) -> Schema:
+async def parse_json(request: Request, schema: type[Schema]) -> Schema:
     try:
         return schema.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise _invalid(exc, what) from exc
+        raise _invalid(exc) from exc
 
 
-def parse_form_fields(form: FormData, schema: type[Schema], file_fields: tuple[str, ...], what: str) -> Schema:
+def parse_form_fields(form: FormData, schema: type[Schema], file_fields: tuple[str, ...]) -> Schema:
     """The non-file fields of a multipart form, validated by `schema` (strings coerced as pydantic does)."""
     fields = {key: value for key, value in form.multi_items() if key not in file_fields and isinstance(value, str)}
     try:
         return schema.model_validate(fields)
     except ValidationError as exc:
-        raise _invalid(exc, what) from exc
+        raise _invalid(exc) from exc
 
 
 def json_or_multipart_body(json_schema: type[BaseModel], form_schema: type[BaseModel],

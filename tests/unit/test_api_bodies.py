@@ -38,7 +38,7 @@ def test_a_multipart_upload_with_an_image_size_out_of_the_configs_range_is_refus
                            data={"image_size": image_size})
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
-    assert [e["loc"] for e in response.json()["errors"]] == [["image_size"]]
+    assert [e["loc"] for e in response.json()["errors"]] == [["body", "image_size"]]
     datasets = tmp_path / "artifacts" / "datasets"
     assert not datasets.exists() or not any(datasets.iterdir())  # nothing extracted, nothing left
 
@@ -52,3 +52,14 @@ def test_the_openapi_bodies_carry_the_limits_of_the_models(client):
     for media in ("application/json", "multipart/form-data"):
         top_k = predict[media]["schema"]["properties"]["top_k"]
         assert (top_k["minimum"], top_k["maximum"]) == (1, 1000)
+
+
+def test_a_hand_parsed_body_and_a_fastapi_parsed_body_give_the_same_422(client):
+    by_hand = client.post("/v1/datasets", json={"builtin": "digits", "imbalance_factor": 2})  # parse_json
+    by_fastapi = client.post("/v1/runs", json={"dataset_id": "x", "seed": -1})  # the endpoint's signature
+    for response, field, error in ((by_hand, "imbalance_factor", "less_than_equal"),
+                                   (by_fastapi, "seed", "greater_than_equal")):
+        assert response.status_code == 422
+        problem = response.json()
+        assert problem["detail"] == "the request does not match the schema"
+        assert [(e["loc"], e["type"]) for e in problem["errors"]] == [(["body", field], error)]

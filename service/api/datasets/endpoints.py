@@ -38,14 +38,14 @@ async def create_dataset(request: Request, response: Response, session: SessionD
                          _: ApiKey) -> DatasetPublic:
     content_type = media_type(request)
     if content_type == "application/json":
-        body = await parse_json(request, BuiltinDatasetCreate, "builtin dataset request")
+        body = await parse_json(request, BuiltinDatasetCreate)
         row = service.create_builtin(session, settings, body)
     elif content_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)
         archive = form.get(_ARCHIVE_FIELD)
         if not isinstance(archive, UploadFile):
             raise InvalidInput(f"multipart body needs a file field named {_ARCHIVE_FIELD!r}")
-        fields = parse_form_fields(form, ArchiveDatasetForm, (_ARCHIVE_FIELD,), "archive upload")
+        fields = parse_form_fields(form, ArchiveDatasetForm, (_ARCHIVE_FIELD,))
         default_name = Path(archive.filename or "upload").name.split(".")[0][:200]
         settings.artifacts.uploads.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=settings.artifacts.uploads) as tmp:

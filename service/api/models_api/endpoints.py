@@ -61,7 +61,7 @@ def get_calibration(model_id: str, session: SessionDep, _: ApiKey) -> Calibratio
 async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
     content_type = media_type(request)
     if content_type == "application/json":
-        body = await parse_json(request, PredictJSON, "predict request")
+        body = await parse_json(request, PredictJSON)
         if len(body.images) > settings.predict_max_images:
             raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request")
         blobs = []
@@ -80,7 +80,7 @@ async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
             raise InvalidInput(f"multipart body needs one or more files named {_IMAGES_FIELD!r}")
         if len(files) > settings.predict_max_images:
             raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request")
-        top_k = parse_form_fields(form, PredictOptions, (_IMAGES_FIELD,), "predict request").top_k
+        top_k = parse_form_fields(form, PredictOptions, (_IMAGES_FIELD,)).top_k
         blobs = []
         for i, upload in enumerate(files):
             data = await upload.read(settings.predict_max_image_bytes + 1)
