@@ -93,27 +93,30 @@ def uint8_to_input(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(255.0)
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int) -> np.ndarray:
-    """Encoded image bytes -> float32 3 x S x S in [0, 1], resized as training resized (bilinear).
+def read_rgb(source: bytes | Path, image_size: int, max_pixels: int | None = None) -> np.ndarray:
+    """An image file (bytes or a path) -> uint8 3 x S x S RGB, resized to the square with bilinear
+    filtering: how training reads ImageFolder images and how serving decodes requests, so the two agree.
 
     Raises ValueError for anything Pillow cannot fully decode or larger than max_pixels.
     """
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             width, height = image.size
-            if width * height > max_pixels:
+            if max_pixels is not None and width * height > max_pixels:
                 raise ValueError(f"{width}x{height} is over the {max_pixels}-pixel limit")
-            rgb = image.convert("RGB")
-            if rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
-            array = np.asarray(rgb, dtype=np.uint8)
+            rgb = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
     except ValueError:
         raise
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"not a readable image ({exc})") from exc
-    return uint8_to_input(array.transpose(2, 0, 1)[None])[0]
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int) -> np.ndarray:
+    """Encoded image bytes -> the model's float32 3 x S x S input in [0, 1] (see `read_rgb`)."""
+    return uint8_to_input(read_rgb(data, image_size, max_pixels))
 
 
 def evaluate_onnx(session, images_uint8: np.ndarray, labels: np.ndarray, groups: list[str]) -> EvaluationReport:

@@ -22,6 +22,7 @@ from models.contract.catalog import (
 )
 from models.contract.config import ArchiveDataset, BuiltinDataset, DatasetConfig, FolderDataset
 from models.contract.layout import ArtifactLayout
+from models.contract.onnx_model import read_rgb
 
 # The official H2T code normalises both CIFARs with these statistics.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -141,14 +142,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tup
     return tuple(mean.tolist()), tuple(std.tolist())  # type: ignore[return-value]
 
 
-def _read_image(path: Path, size: int) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        rgb = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
 def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
     """Read `root/train/<class>/<image>` and `root/test/<class>/<image>`, resizing to a square.
 
@@ -174,7 +167,7 @@ def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
                 continue
             for path in sorted(folder.iterdir()):
                 if path.suffix.lower() in IMAGE_SUFFIXES:
-                    images.append(_read_image(path, image_size))
+                    images.append(torch.from_numpy(read_rgb(path, image_size).copy()))
                     labels.append(label)
         if not images:
             raise ValueError(f"no images under {split}")
