@@ -30,6 +30,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 DIGITS_TEST_PER_CLASS = 30
 DIGITS_N_MAX = 144
 DIGITS_SIZE = 16
+DIGITS_CLASS_NAMES = tuple(str(d) for d in range(10))
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ def cifar_available(root: str | Path, name: str) -> bool:
 def describe_builtin(spec: BuiltinDataset, data_root: str | Path | None) -> DatasetSummary:
     """Class names and exact per-class counts of a builtin long-tailed dataset."""
     if spec.builtin == "digits":
-        counts = long_tailed_counts(DIGITS_N_MAX, 10, spec.imbalance_factor, spec.profile)
-        return DatasetSummary(tuple(str(d) for d in range(10)), tuple(counts), (DIGITS_TEST_PER_CLASS,) * 10,
+        counts = long_tailed_counts(DIGITS_N_MAX, len(DIGITS_CLASS_NAMES), spec.imbalance_factor, spec.profile)
+        return DatasetSummary(DIGITS_CLASS_NAMES, tuple(counts), (DIGITS_TEST_PER_CLASS,) * len(DIGITS_CLASS_NAMES),
                               DIGITS_SIZE)
     if data_root is None or not cifar_available(data_root, spec.builtin):
         raise FileNotFoundError(f"{spec.builtin}: the CIFAR python files are not under the data root {data_root}")

@@ -10,6 +10,8 @@ import torch
 
 from models.contract.catalog import (
     CIFAR_LAYOUT,
+    CIFAR_TRAIN_PER_CLASS,
+    DIGITS_CLASS_NAMES,
     DIGITS_N_MAX,
     DIGITS_SIZE,
     DIGITS_TEST_PER_CLASS,
@@ -102,8 +104,7 @@ def load_cifar(root: str | Path, name: str, download: bool = False) -> tuple[Ima
 def cifar_long_tailed(root: str | Path, spec: BuiltinDataset, download: bool = False) -> Dataset:
     train, test, class_names = load_cifar(root, spec.builtin, download=download)
     num_classes = len(class_names)
-    n_max = len(train) // num_classes
-    counts = long_tailed_counts(n_max, num_classes, spec.imbalance_factor, spec.profile)
+    counts = long_tailed_counts(CIFAR_TRAIN_PER_CLASS[spec.builtin], num_classes, spec.imbalance_factor, spec.profile)
     keep = torch.from_numpy(long_tailed_indices(train.labels.numpy(), counts, spec.sampling_seed))
     lt_train = ImageSet(train.images[keep].contiguous(), train.labels[keep].contiguous())
     return Dataset(f"{spec.builtin}-lt", class_names, lt_train, test, CIFAR_MEAN, CIFAR_STD)
@@ -121,18 +122,18 @@ def digits_long_tailed(spec: BuiltinDataset) -> Dataset:
 
     rng = np.random.RandomState(spec.sampling_seed)
     test_idx, pool_idx = [], []
-    for cls in range(10):
+    for cls in range(len(DIGITS_CLASS_NAMES)):
         idx = np.where(labels == cls)[0]
         rng.shuffle(idx)
         test_idx.append(idx[:DIGITS_TEST_PER_CLASS])
         pool_idx.append(idx[DIGITS_TEST_PER_CLASS:])
-    counts = long_tailed_counts(DIGITS_N_MAX, 10, spec.imbalance_factor, spec.profile)
+    counts = long_tailed_counts(DIGITS_N_MAX, len(DIGITS_CLASS_NAMES), spec.imbalance_factor, spec.profile)
     train_idx = np.concatenate([pool[:n] for pool, n in zip(pool_idx, counts, strict=True)])
     test_idx_all = np.concatenate(test_idx)
     train = ImageSet(images[train_idx], torch.from_numpy(labels[train_idx]))
     test = ImageSet(images[test_idx_all], torch.from_numpy(labels[test_idx_all]))
     mean, std = channel_stats(train.images)
-    return Dataset("digits-lt", tuple(str(d) for d in range(10)), train, test, mean, std)
+    return Dataset("digits-lt", DIGITS_CLASS_NAMES, train, test, mean, std)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
