@@ -1,1 +1,1 @@
-"""The `h2t` command: local training, the demo, and (later) the service entry points."""
+"""The `h2t` command: local training, the demo, and the service processes (API, worker, migrations)."""

@@ -13,8 +13,6 @@ import yaml
 
 from models.contract.config import LocalTrainConfig
 
-DEFAULT_DATA_ROOT = "./data"
-
 
 def parse_override(text: str) -> tuple[list[str], object]:
     """`stage2.rho=0.5` -> (["stage2", "rho"], 0.5); the value is read as YAML."""
@@ -65,11 +63,12 @@ def train_command(args: argparse.Namespace) -> int:
     from models.contract.reporting import epoch_line, group_table
     from models.core.data import load_dataset
     from models.core.train import resolve_device, train_two_stage
+    from service.store.settings import Settings
 
     config = load_train_config(Path(args.config), args.set)
     folder = RunFolder(Path(args.out)).create()
     folder.config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    data_root = args.data_root or os.environ.get("H2T_DATA_ROOT", DEFAULT_DATA_ROOT)
+    data_root = args.data_root or Settings().data_root
     dataset = load_dataset(config.dataset, data_root, download=args.download)
     device = resolve_device(args.device)
     print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
@@ -156,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
                        help="override a config field, e.g. --set stage2.rho=0.5 (repeatable)")
     train.add_argument("--data-root", help="folder holding the CIFAR python files "
-                       f"(default: $H2T_DATA_ROOT or {DEFAULT_DATA_ROOT})")
+                       "(default: $H2T_DATA_ROOT, as the service reads it)")
     train.add_argument("--download", action="store_true", help="download CIFAR into the data root if missing")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     train.set_defaults(func=train_command)

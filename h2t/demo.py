@@ -23,7 +23,7 @@ from models.contract.config import AugmentConfig, BuiltinDataset, LocalTrainConf
 from models.contract.layout import RunFolder
 from models.contract.metrics import EpochMetrics
 from models.contract.reporting import epoch_line, group_rows_table
-from service.store.orm import TERMINAL
+from service.store.orm import TERMINAL, RunStatus
 
 # scikit-learn's real 8x8 handwritten digits (shipped in its wheel), made long-tailed: 144 down to 7
 # training images per class, 30 balanced test images per class. Trains in well under a minute on a CPU.
@@ -174,7 +174,7 @@ def _drive(client: httpx.Client, config: LocalTrainConfig, processes: dict[str, 
         if processes["worker"].poll() is not None:
             raise RuntimeError("the worker exited")
         time.sleep(0.5)
-    if status != "succeeded":
+    if status != RunStatus.succeeded:
         raise RuntimeError(f"run {status}: {run['error']}")
     metrics = _check(client.get(f"/v1/runs/{run['id']}/metrics"))["data"]
     stage1_last = [m for m in metrics if m["stage"] == 1][-1]

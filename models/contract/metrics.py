@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.contract.config import GroupConfig
 
 GROUP_NAMES = ("many", "medium", "few")
+N_BINS = 15  # equal-width confidence bins of the ECE and the reliability diagrams, as in the paper
 
 
 class _Record(BaseModel):
@@ -31,7 +32,7 @@ class ReliabilityBin(_Record):
 class GroupSummary(_Record):
     n: int = Field(description="evaluation images whose true class is in the group")
     accuracy: float = Field(description="mean per-class accuracy over the group's classes, fraction")
-    ece: float = Field(description="expected calibration error, 15 equal-width bins, fraction")
+    ece: float = Field(description=f"expected calibration error, {N_BINS} equal-width bins, fraction")
 
 
 class GroupReport(GroupSummary):
@@ -64,7 +65,7 @@ class EpochMetrics(_Record):
     images_per_second: float
 
 
-def reliability_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> tuple[ReliabilityBin, ...]:
+def reliability_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> tuple[ReliabilityBin, ...]:
     """Equal-width bins (lower, upper] over [0, 1] of the max softmax probability."""
     if n_bins < 1:
         raise ValueError("n_bins must be >= 1")
@@ -92,7 +93,7 @@ def ece_from_bins(bins: Sequence[ReliabilityBin]) -> float:
     return float(sum(b.count / total * abs(b.accuracy - b.confidence) for b in bins))
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
     """ECE = sum_b (n_b / N) |acc_b - conf_b| over equal-width bins of the max probability; in [0, 1]."""
     probs = np.asarray(probs)
     labels = np.asarray(labels)
@@ -123,7 +124,7 @@ def class_groups(train_counts: Sequence[int], config: GroupConfig = DEFAULT_GROU
 
 
 def evaluate_predictions(
-    probs: np.ndarray, labels: np.ndarray, groups: Sequence[str], n_bins: int = 15
+    probs: np.ndarray, labels: np.ndarray, groups: Sequence[str], n_bins: int = N_BINS
 ) -> EvaluationReport:
     """Top-1 and, overall and per group, accuracy, ECE and reliability bins.
 

@@ -1,4 +1,4 @@
-"""The dataset on the training device, and the precision and memory layout the model runs in there."""
+"""The dataset on the training device, the memory layout of model inputs and the autocast context."""
 
 from __future__ import annotations
 

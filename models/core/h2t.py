@@ -1,7 +1,7 @@
 """H2T: fuse feature maps of instance-sampled (head-heavy) images into class-balanced (tail-heavy) ones.
 
 Li et al., "Feature Fusion from Head to Tail for Long-Tailed Visual Recognition", AAAI 2024.
-Also the two samplers that feed the fused and fusing branches in stage 2.
+Also the class-balanced sampler of the fused branch in stage 2 (the fusing branch is a plain shuffle).
 """
 
 from __future__ import annotations

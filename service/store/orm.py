@@ -10,7 +10,6 @@ from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, MetaDat
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from models.contract.config import DATASET_SPEC, ArchiveDataset, BuiltinDataset, FolderDataset
-from models.contract.metrics import EpochMetrics
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -99,13 +98,10 @@ class MetricRow(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     stage: Mapped[int] = mapped_column(Integer)
     epoch: Mapped[int] = mapped_column(Integer)
-    values: Mapped[dict] = mapped_column(JSON)  # EpochMetrics.model_dump()
+    values: Mapped[dict] = mapped_column(JSON)  # models.contract.metrics.EpochMetrics, dumped
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     run: Mapped[RunRow] = relationship(back_populates="metrics")
-
-    def record(self) -> EpochMetrics:
-        return EpochMetrics.model_validate(self.values)
 
 
 class ArtifactRow(Base):
