@@ -20,6 +20,9 @@ NAMING_CONVENTION = {
 }
 
 
+NAME_LENGTH = 200  # a dataset's name, as stored
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -48,7 +51,7 @@ class DatasetRow(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
     spec: Mapped[dict] = mapped_column(JSON)  # a models.contract.config DatasetConfig (tagged by its key)
     class_names: Mapped[list] = mapped_column(JSON)
     train_counts: Mapped[list] = mapped_column(JSON)

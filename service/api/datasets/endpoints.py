@@ -13,6 +13,7 @@ from service.api.datasets import service
 from service.api.datasets.schemas import ArchiveDatasetForm, BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
 from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.store.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.store.orm import NAME_LENGTH
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -46,7 +47,7 @@ async def create_dataset(request: Request, response: Response, session: SessionD
         if not isinstance(archive, UploadFile):
             raise InvalidInput(f"multipart body needs a file field named {_ARCHIVE_FIELD!r}")
         fields = parse_form_fields(form, ArchiveDatasetForm, (_ARCHIVE_FIELD,))
-        default_name = Path(archive.filename or "upload").name.split(".")[0][:200]
+        default_name = Path(archive.filename or "upload").name.split(".")[0][:NAME_LENGTH]
         settings.artifacts.uploads.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=settings.artifacts.uploads) as tmp:
             upload_path = Path(tmp) / "upload"

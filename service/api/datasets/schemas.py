@@ -5,10 +5,11 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from models.contract.config import BuiltinDataset, ImageSize
+from service.store.orm import NAME_LENGTH
 
 
 class DatasetOptions(BaseModel):
-    name: str | None = Field(None, max_length=200, description="defaults to one made from the dataset")
+    name: str | None = Field(None, max_length=NAME_LENGTH, description="defaults to one made from the dataset")
 
 
 class BuiltinDatasetCreate(BuiltinDataset, DatasetOptions):
