@@ -14,14 +14,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from models.contract.config import RunConfig
 from models.contract.layout import ONNX_KIND, STAGES, ArtifactLayout, RunFolder, checkpoint_kind
 from models.contract.metrics import EpochMetrics
 from models.contract.onnx_model import sha256_file
 from service.store import runs
 from service.store.db import session_scope
-from service.store.orm import DatasetRow, RunRow, RunStatus, utcnow
-from service.store.runs import ExportedModel, StoredFile
+from service.store.orm import RunStatus, utcnow
+from service.store.runs import ClaimedRun, ExportedModel, StoredFile
 from service.store.settings import Settings
 
 log = logging.getLogger("h2t.worker")
@@ -87,27 +86,21 @@ def train_run(run_id: str, settings: Settings, worker_name: str, stop: threading
             log.info("run %s is not claimable (taken, finished or cancelled): skipped", run_id,
                      extra={"run_id": run_id})
             return Outcome.skipped
-        run = session.get(RunRow, run_id)
-        config = RunConfig.model_validate(run.config)
-        spec = session.get(DatasetRow, run.dataset_id).dataset_spec()
-        stage1_from = run.stage1_from
-        first_stage = 2 if stage1_from else 1
-        runs.set_stage(session, run_id, token, first_stage, 0,
-                       config.stage2.epochs if stage1_from else config.stage1.epochs)
+        claimed = runs.begin(session, run_id)
     log.info("claimed run %s (attempt by %s)", run_id, worker_name, extra={"run_id": run_id})
 
     beat = Heartbeat(settings, run_id, token)
     beat.start()
     try:
-        outcome = _train(run_id, settings, token, config, spec, stage1_from, beat, stop, requeue)
+        outcome = _train(run_id, settings, token, claimed, beat, stop, requeue)
     finally:
         beat.stopped.set()
     log.info("run %s %s", run_id, outcome, extra={"run_id": run_id})
     return outcome
 
 
-def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec, stage1_from: str | None,
-           beat: Heartbeat, stop: threading.Event, requeue: Callable[[str], None]) -> Outcome:
+def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: Heartbeat, stop: threading.Event,
+           requeue: Callable[[str], None]) -> Outcome:
     from models.core.data import load_dataset
     from models.core.export import export_and_calibrate
     from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
@@ -119,8 +112,6 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec,
             status = runs.record_epoch(session, run_id, token, m)
             if status is None:
                 raise ClaimLost
-            if m.stage == 1 and m.epoch == m.epochs:
-                runs.set_stage(session, run_id, token, 2, 0, config.stage2.epochs)
         if status == RunStatus.cancelling:
             raise TrainingCancelled
 
@@ -128,9 +119,9 @@ def _train(run_id: str, settings: Settings, token: str, config: RunConfig, spec,
     folder = artifacts.run(run_id)
     exported, files = None, []
     try:
-        dataset = load_dataset(spec, settings.data_root, artifacts)
-        result = train_two_stage(dataset, config, folder, resolve_device(), on_epoch,
-                                 artifacts.run(stage1_from) if stage1_from else None, stop.is_set)
+        dataset = load_dataset(run.dataset, settings.data_root, artifacts)
+        result = train_two_stage(dataset, run.config, folder, resolve_device(), on_epoch,
+                                 artifacts.run(run.stage1_from) if run.stage1_from else None, stop.is_set)
         try:
             served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx)
         except Exception as exc:

@@ -16,10 +16,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from models.contract.config import ArchiveDataset, BuiltinDataset, FolderDataset, RunConfig
 from models.contract.metrics import EpochMetrics, EvaluationReport
 from models.contract.onnx_model import ModelSpec
 from service.store.errors import ResourceConflict, ResourceNotFound
-from service.store.orm import TERMINAL, ArtifactRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.orm import TERMINAL, ArtifactRow, DatasetRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
 
 
 def get(session: Session, run_id: str) -> RunRow:
@@ -72,9 +73,28 @@ def heartbeat(session: Session, run_id: str, token: str, now: datetime) -> bool:
     return result.rowcount == 1
 
 
-def set_stage(session: Session, run_id: str, token: str, stage: int, epoch: int, total_epochs: int) -> None:
-    session.execute(update(RunRow).where(RunRow.id == run_id, RunRow.claim_token == token)
-                    .values(stage=stage, epoch=epoch, total_epochs=total_epochs, heartbeat_at=utcnow()))
+@dataclass(frozen=True)
+class ClaimedRun:
+    """What a worker needs to train a run it has claimed."""
+
+    config: RunConfig
+    dataset: BuiltinDataset | FolderDataset | ArchiveDataset
+    stage1_from: str | None  # a succeeded run whose stage 1 this one reuses
+
+
+def _stage_epochs(config: RunConfig, stage: int) -> int:
+    return config.stage1.epochs if stage == 1 else config.stage2.epochs
+
+
+def begin(session: Session, run_id: str) -> ClaimedRun:
+    """Right after a worker's claim, in its transaction: the run's progress points at its first stage
+    (2 when it reuses a stage 1), and the worker gets what it trains."""
+    run = session.get(RunRow, run_id)
+    config = RunConfig.model_validate(run.config)
+    first = 2 if run.stage1_from else 1
+    run.stage, run.epoch, run.total_epochs, run.heartbeat_at = first, 0, _stage_epochs(config, first), utcnow()
+    session.flush()
+    return ClaimedRun(config, session.get(DatasetRow, run.dataset_id).dataset_spec(), run.stage1_from)
 
 
 def record_epoch(session: Session, run_id: str, token: str, metrics: EpochMetrics) -> RunStatus | None:
@@ -92,6 +112,8 @@ def record_epoch(session: Session, run_id: str, token: str, metrics: EpochMetric
         session.add(metric)
     metric.values, metric.created_at = metrics.model_dump(), utcnow()
     row.stage, row.epoch, row.total_epochs = metrics.stage, metrics.epoch, metrics.epochs
+    if metrics.stage == 1 and metrics.epoch == metrics.epochs:  # stage 1 is done: progress is stage 2's
+        row.stage, row.epoch, row.total_epochs = 2, 0, _stage_epochs(RunConfig.model_validate(row.config), 2)
     row.heartbeat_at = utcnow()
     session.flush()
     return row.status
