@@ -59,6 +59,8 @@ def test_the_task_body_trains_exports_and_registers_the_model(settings):
                      "stage1_checkpoint": f"runs/{run_id}/stage1/checkpoint.pt",
                      "stage2_checkpoint": f"runs/{run_id}/stage2/checkpoint.pt"}
     assert model.onnx_path == kinds["onnx"]
+    run = _run(settings, run_id)  # progress ends on stage 2's last epoch (TINY: 2 + 1 epochs)
+    assert (run.stage, run.epoch, run.total_epochs) == (2, 1, 1)
     # a redelivered task does nothing
     assert runner.train_run(run_id, settings, "test-worker", threading.Event()) == runner.Outcome.skipped
 
@@ -117,6 +119,7 @@ def test_a_stop_request_checkpoints_requeues_and_the_next_delivery_resumes(setti
     stop, sent = threading.Event(), []
     stop.set()  # as SIGTERM does: stop after the next checkpoint
     assert runner.train_run(run_id, settings, "w1", stop, sent.append) == runner.Outcome.requeued
+    assert (_run(settings, run_id).stage, _run(settings, run_id).total_epochs) == (1, 2)
     assert sent == [run_id]
     run = _run(settings, run_id)
     assert (run.status, run.stage, run.epoch, run.claim_token) == (RunStatus.queued, 1, 1, None)
