@@ -55,6 +55,7 @@ def served(databases, redis_url, tmp_path_factory):
                 final = wait_for_run(client, run["id"], ("succeeded",), 240)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{worker.log()[-2000:]}") from None
+            worker.stop(signal.SIGKILL)  # no worker may take the second run: it must still be queued when cancelled
             queued = submit_run(client, dataset, stage1={"epochs": 4})
             assert client.post(f"/v1/runs/{queued['id']}/cancel").json()["status"] == "cancelled"
         yield settings, final["model_id"], queued["id"]
