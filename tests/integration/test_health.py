@@ -4,10 +4,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.store.orm import RunStatus
 from tests.helpers import create_tiny_dataset, metric_sample, submit_run
 
 pytestmark = pytest.mark.integration
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")  # each an h2t_runs label
+RUN_STATUSES = tuple(RunStatus)  # each an h2t_runs label
 
 
 def test_readyz_is_200_when_database_and_broker_answer(client):

@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from service.store.orm import TERMINAL
 from service.store.queue import TRAIN_TASK, make_celery
 from tests.helpers import (
     create_tiny_dataset,
@@ -32,7 +33,7 @@ def test_a_run_goes_queued_running_succeeded_with_one_metric_row_per_epoch(clien
     def finished():
         current = get_run(client, run["id"])
         seen.add(current["status"])
-        return current["status"] in ("succeeded", "failed", "cancelled") and current
+        return current["status"] in TERMINAL and current
 
     final = wait_for(finished, 180, "the run to finish", interval=0.05)
     assert final["status"] == "succeeded", final["error"]
