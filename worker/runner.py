@@ -149,7 +149,4 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
             ended = runs.succeed(session, run_id, token, exported, files)
         else:
             ended = runs.finish(session, run_id, token, status, error)
-        if not ended:
-            session.rollback()
-            return Outcome.lost
-    return Outcome(status.value)
+    return Outcome.lost if ended is None else Outcome(ended.value)

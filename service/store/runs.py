@@ -30,23 +30,30 @@ def get(session: Session, run_id: str) -> RunRow:
     return row
 
 
+def _transition(session: Session, run_id: str, source: RunStatus, token: str | None = None, **values: object) -> bool:
+    """Compare-and-set: change the run only while it is in `source` (and, with a token, still claimed
+    by that worker). Every status change goes through here, so no change is made on a stale read."""
+    query = update(RunRow).where(RunRow.id == run_id, RunRow.status == source)
+    if token is not None:
+        query = query.where(RunRow.claim_token == token)
+    return session.execute(query.values(**values).execution_options(synchronize_session=False)).rowcount == 1
+
+
 def cancel(session: Session, run_id: str) -> RunRow:
-    """A queued run is cancelled at once; a running one is asked to stop at its next epoch end."""
+    """A queued run is cancelled at once; a running one is asked to stop at its next epoch end.
+    Cancelling a run that is already being cancelled changes nothing; a finished run is a conflict."""
     row = get(session, run_id)
-    if row.status in TERMINAL:
+    changed = (_transition(session, run_id, RunStatus.queued, status=RunStatus.cancelled, finished_at=utcnow())
+               or _transition(session, run_id, RunStatus.running, status=RunStatus.cancelling))
+    session.refresh(row)
+    if not changed and row.status in TERMINAL:
         raise ResourceConflict(f"run {run_id} is already {row.status}")
-    if row.status == RunStatus.queued:
-        row.status, row.finished_at = RunStatus.cancelled, utcnow()
-    elif row.status == RunStatus.running:
-        row.status = RunStatus.cancelling
-    session.flush()
     return row
 
 
 def fail_unsent(session: Session, run_id: str, error: str) -> None:
     """A queued run whose task never reached the broker: it would never start, so it fails."""
-    session.execute(update(RunRow).where(RunRow.id == run_id, RunRow.status == RunStatus.queued)
-                    .values(status=RunStatus.failed, error=error, finished_at=utcnow()))
+    _transition(session, run_id, RunStatus.queued, status=RunStatus.failed, error=error, finished_at=utcnow())
 
 
 # --- the worker's side -------------------------------------------------------------------------------
@@ -140,17 +147,25 @@ class ExportedModel:
     calibration: EvaluationReport  # of the ONNX model itself on the test split
 
 
-def finish(session: Session, run_id: str, token: str, status: RunStatus, error: str | None = None) -> bool:
-    """End a claimed run; False (and nothing written) when the claim was lost."""
-    result = session.execute(
-        update(RunRow).where(RunRow.id == run_id, RunRow.claim_token == token)
-        .values(status=status, error=error, finished_at=utcnow(), claim_token=None))
-    return result.rowcount == 1
+def finish(session: Session, run_id: str, token: str, status: RunStatus, error: str | None = None) -> RunStatus | None:
+    """End a claimed run with `status`, or as cancelled when a cancel arrived meanwhile (a cancelled run
+    never becomes succeeded). Returns the status it ended with; None (nothing written) when the claim
+    was lost."""
+    ended = {"finished_at": utcnow(), "claim_token": None}
+    if _transition(session, run_id, RunStatus.running, token, status=status, error=error, **ended):
+        return status
+    if _transition(session, run_id, RunStatus.cancelling, token, status=RunStatus.cancelled, **ended):
+        return RunStatus.cancelled
+    return None
 
 
-def succeed(session: Session, run_id: str, token: str, model: ExportedModel, files: list[StoredFile]) -> bool:
-    """The run's success, its model row and every artifact row, in one unit of work; False when the
-    claim was lost (the caller rolls back, so none of it stays)."""
+def succeed(session: Session, run_id: str, token: str, model: ExportedModel,
+            files: list[StoredFile]) -> RunStatus | None:
+    """The run's success, its model row and every artifact row, in one unit of work. A run cancelled
+    meanwhile ends cancelled with no model; None when the claim was lost."""
+    status = finish(session, run_id, token, RunStatus.succeeded)
+    if status != RunStatus.succeeded:
+        return status
     row = session.get(ModelRow, run_id) or ModelRow(run_id=run_id)
     row.onnx_path, row.sha256, row.size_bytes = model.onnx.path, model.onnx.sha256, model.onnx.size_bytes
     row.parity_max_abs_diff, row.parity_images = model.parity_max_abs_diff, model.parity_images
@@ -163,22 +178,18 @@ def succeed(session: Session, run_id: str, token: str, model: ExportedModel, fil
         artifact = artifact or ArtifactRow(run_id=run_id, kind=file.kind)
         artifact.path, artifact.size_bytes, artifact.sha256 = file.path, file.size_bytes, file.sha256
         session.add(artifact)
-    return finish(session, run_id, token, RunStatus.succeeded)
+    session.flush()
+    return status
 
 
 def release(session: Session, run_id: str, token: str) -> bool:
     """Give a claimed run back to the queue (its worker is shutting down after a checkpoint); a run
     being cancelled becomes cancelled. True when it should be sent to the broker again."""
-    row = session.get(RunRow, run_id)
-    if row is None or row.claim_token != token:
-        return False
-    row.claim_token = None
-    if row.status == RunStatus.cancelling:
-        row.status, row.finished_at = RunStatus.cancelled, utcnow()
-        return False
-    row.status = RunStatus.queued
-    session.flush()
-    return True
+    if _transition(session, run_id, RunStatus.running, token, status=RunStatus.queued, claim_token=None):
+        return True
+    _transition(session, run_id, RunStatus.cancelling, token, status=RunStatus.cancelled, finished_at=utcnow(),
+                claim_token=None)
+    return False
 
 
 def sweep_stale(session: Session, now: datetime, timeout_s: float, max_attempts: int) -> list[str]:

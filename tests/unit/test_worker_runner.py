@@ -5,14 +5,18 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import numpy as np
 import pytest
 
 from models.contract.config import RunConfig
-from models.contract.metrics import EpochMetrics
+from models.contract.metrics import EpochMetrics, evaluate_predictions
+from models.contract.onnx_model import ModelSpec
 from service.store import runs
 from service.store.db import session_scope
+from service.store.errors import ResourceConflict
 from service.store.migrate import upgrade_head
 from service.store.orm import ArtifactRow, DatasetRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.runs import ExportedModel, StoredFile
 from service.store.settings import Settings
 from tests.helpers import tiny_run_config
 from worker import runner
@@ -127,3 +131,41 @@ def test_a_stop_request_checkpoints_requeues_and_the_next_delivery_resumes(setti
     with session_scope(settings.database_url) as session:
         keys = [(m.stage, m.epoch) for m in session.query(MetricRow).filter_by(run_id=run_id)]
     assert sorted(keys) == [(1, 1), (1, 2), (2, 1)]
+
+
+def _exported(run_id: str) -> ExportedModel:
+    onnx = StoredFile("onnx", f"runs/{run_id}/model.onnx", 1, "0" * 64)
+    spec = ModelSpec(16, (0.5,) * 3, (0.5,) * 3, ("a", "b"), ("many", "few"))
+    report = evaluate_predictions(np.eye(2), np.arange(2), ["many", "few"])
+    return ExportedModel(onnx, spec, 0.0, 0, report)
+
+
+def test_a_cancel_that_arrives_during_training_is_never_undone_by_the_run_finishing(settings):
+    run_id, now = _queued_run(settings), utcnow()
+    with session_scope(settings.database_url) as session:
+        assert runs.claim(session, run_id, "t", "w1", now, now - timedelta(seconds=60))
+    with session_scope(settings.database_url) as session:
+        assert runs.cancel(session, run_id).status == RunStatus.cancelling
+    with session_scope(settings.database_url) as session:  # cancelling again changes nothing
+        assert runs.cancel(session, run_id).status == RunStatus.cancelling
+    with session_scope(settings.database_url) as session:  # the training finished before it saw the cancel
+        assert runs.succeed(session, run_id, "t", _exported(run_id), []) == RunStatus.cancelled
+    run = _run(settings, run_id)
+    assert (run.status, run.claim_token) == (RunStatus.cancelled, None) and run.finished_at is not None
+    with session_scope(settings.database_url) as session:
+        assert session.get(ModelRow, run_id) is None and session.query(ArtifactRow).count() == 0
+        with pytest.raises(ResourceConflict):
+            runs.cancel(session, run_id)
+
+
+def test_a_cancelled_queued_run_cannot_be_claimed_and_a_finished_run_cannot_be_cancelled(settings):
+    cancelled, finished, now = _queued_run(settings), _queued_run(settings), utcnow()
+    with session_scope(settings.database_url) as session:
+        assert runs.cancel(session, cancelled).status == RunStatus.cancelled
+        assert not runs.claim(session, cancelled, "t", "w1", now, now - timedelta(seconds=60))
+        assert runs.claim(session, finished, "t", "w1", now, now - timedelta(seconds=60))
+        assert runs.succeed(session, finished, "t", _exported(finished), []) == RunStatus.succeeded
+        assert runs.finish(session, finished, "t", RunStatus.failed) is None  # the claim ended with the run
+    with session_scope(settings.database_url) as session, pytest.raises(ResourceConflict):
+        runs.cancel(session, finished)
+    assert _run(settings, finished).status == RunStatus.succeeded
