@@ -4,7 +4,6 @@ that combines concurrent requests into one inference call with a bounded wait.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,17 +37,24 @@ class Batcher:
     on_batch: Callable[[int], None] = lambda size: None
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _task: asyncio.Task | None = None
+    _closed: bool = False
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
+        if self._closed:  # evicted while this request held the model: answer it alone
+            return await asyncio.to_thread(self.infer, images)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(images, future))
         return await future
 
-    async def _collect(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        count = len(batch[0].images)
+    async def _collect(self) -> tuple[list[_Pending], bool]:
+        """The next batch, and whether `close` asked to stop after it."""
+        first = await self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        count = len(first.images)
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
         while count < self.max_images:
             try:
@@ -61,13 +67,18 @@ class Batcher:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
+            if item is None:
+                return batch, True
             batch.append(item)
             count += len(item.images)
-        return batch
+        return batch, False
 
     async def _serve(self) -> None:
-        while True:
-            batch = await self._collect()
+        stop = False
+        while not stop:
+            batch, stop = await self._collect()
+            if not batch:
+                continue
             images = np.concatenate([p.images for p in batch])
             self.on_batch(len(images))
             try:
@@ -85,10 +96,11 @@ class Batcher:
                 start = end
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Take no more requests; every request already queued is still answered (none hangs)."""
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            await self._queue.put(None)  # served after everything queued before it
+            await self._task
 
 
 @dataclass

@@ -1,0 +1,32 @@
+"""The predict micro-batcher: closing it (a model evicted from the cache) answers every queued request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from service.api.models_api.runtime import Batcher
+
+
+def _slow_double(images: np.ndarray) -> np.ndarray:
+    time.sleep(0.05)
+    return images * 2
+
+
+def test_closing_a_batcher_answers_every_request_already_queued_and_later_ones_alone():
+    async def scenario() -> tuple[list[np.ndarray], np.ndarray, list[int]]:
+        sizes: list[int] = []
+        batcher = Batcher(_slow_double, max_images=2, max_wait_s=0.0, on_batch=sizes.append)
+        requests = [asyncio.create_task(batcher.submit(np.full((1, 3), float(i)))) for i in range(5)]
+        await asyncio.sleep(0.01)  # the first batch is being inferred, the rest are queued
+        await asyncio.wait_for(batcher.close(), 5)
+        answers = await asyncio.wait_for(asyncio.gather(*requests), 5)
+        late = await asyncio.wait_for(batcher.submit(np.full((1, 3), 9.0)), 5)  # held the model before eviction
+        return answers, late, sizes
+
+    answers, late, sizes = asyncio.run(scenario())
+    assert [a.tolist() for a in answers] == [[[2.0 * i] * 3] for i in range(5)]
+    assert late.tolist() == [[18.0] * 3]
+    assert sum(sizes) == 5 and max(sizes) <= 2  # all five went through batches of at most two
