@@ -17,7 +17,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # infinities and NaN are no learning rate, ratio or alpha, and JSON cannot carry them back out
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class BuiltinDataset(_Frozen):

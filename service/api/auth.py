@@ -16,7 +16,8 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="o
 async def require_api_key(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> str:
     if not key:
         raise Unauthorized("missing X-API-Key header")
-    if not any(hmac.compare_digest(key, k) for k in request.app.state.settings.api_keys):
+    given = key.encode()  # bytes: compare_digest refuses non-ASCII str, and a key may be any text
+    if not any(hmac.compare_digest(given, k.encode()) for k in request.app.state.settings.api_keys):
         raise Unauthorized("invalid API key")
     return key
 

@@ -32,7 +32,7 @@ class Page:
 
 
 def get_page(limit: Annotated[int, Query(ge=1, le=500, description="items per page")] = 50,
-             offset: Annotated[int, Query(ge=0, description="items to skip")] = 0) -> Page:
+             offset: Annotated[int, Query(ge=0, le=2**63 - 1, description="items to skip")] = 0) -> Page:
     return Page(limit, offset)
 
 

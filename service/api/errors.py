@@ -1,9 +1,14 @@
-"""Domain errors (service.store.errors) turned into RFC 9457 problem+json, in one place."""
+"""Every error turned into RFC 9457 problem+json, in one place: domain errors (service.store.errors),
+schema errors, HTTP errors, the store being unreachable (503 with Retry-After), values the store
+cannot keep (422), and bugs (500 with an error id that is also in the log)."""
 
 from __future__ import annotations
 
+import logging
+import uuid
 from http import HTTPStatus
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -15,16 +20,23 @@ from service.store.errors import AppError
 PROBLEM_JSON = "application/problem+json"
 
 
-def problem(status: int, title: str, detail: str, instance: str, **extra: object) -> JSONResponse:
+RETRY_AFTER_S = 5  # what a client is told to wait while the store is unreachable
+log = logging.getLogger("h2t.api")
+
+
+def problem(status: int, title: str, detail: str, instance: str, headers: dict[str, str] | None = None,
+            **extra: object) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance, **extra}
-    headers = {"WWW-Authenticate": "X-API-Key"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "X-API-Key"}
     return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
-        return problem(exc.status, exc.title, exc.detail, request.url.path, **exc.extra)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+        return problem(exc.status, exc.title, exc.detail, request.url.path, headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -33,7 +45,27 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(422, "Unprocessable content", "the request does not match the schema", request.url.path,
                        errors=errors)
 
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    @app.exception_handler(sqlalchemy.exc.InterfaceError)
+    async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("the store is unreachable: %s", type(exc).__name__)
+        return problem(503, "Service unavailable", "the database is unreachable; try again shortly", request.url.path,
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(sqlalchemy.exc.DataError)
+    async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+        return problem(422, "Unprocessable content", "the request holds a value the database cannot store "
+                       "(for example a NUL character or a number out of range)", request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex
+        log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc,
+                  extra={"error_id": error_id})
+        return problem(500, "Internal server error", f"an unexpected error; quote error id {error_id}",
+                       request.url.path, error_id=error_id)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         title = HTTPStatus(exc.status_code).phrase if exc.status_code in HTTPStatus._value2member_map_ else "Error"
-        return problem(exc.status_code, title, str(exc.detail), request.url.path)
+        return problem(exc.status_code, title, str(exc.detail), request.url.path, exc.headers)  # e.g. 405's Allow

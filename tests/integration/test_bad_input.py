@@ -213,6 +213,14 @@ CASES = [
     Case("delete a dataset in use", 409, lambda c, ids: c.delete(f"/v1/datasets/{ids['dataset']}")),
     Case("page size 0", 422, lambda c, ids: c.get("/v1/runs?limit=0")),
     Case("unknown run status filter", 422, lambda c, ids: c.get("/v1/runs?status=exploded")),
+    Case("offset past a 64-bit integer", 422, lambda c, ids: c.get(f"/v1/runs?offset={2**63}")),
+    Case("NUL in a run id", 422, lambda c, ids: c.get("/v1/runs/a%00b"), "cannot store"),
+    Case("NUL in a dataset name", 422,
+         lambda c, ids: c.post("/v1/datasets", json={"builtin": "digits", "name": "a\u0000b"}), "cannot store"),
+    Case("infinite mixup alpha", 422, lambda c, ids: c.post(  # JSON as Python's json module writes infinity
+        "/v1/runs", content=f'{{"dataset_id": "{ids["dataset"]}", "stage1": {{"mixup_alpha": Infinity}}}}',
+        headers={"content-type": "application/json"})),
+    Case("non-ASCII API key", 401, lambda c, ids: c.get("/v1/runs", headers={"X-API-Key": "clé".encode()}), "invalid"),
 ]
 
 

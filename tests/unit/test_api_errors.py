@@ -1,0 +1,41 @@
+"""Errors outside the domain still answer problem+json: the store unreachable is a 503 with
+Retry-After, a wrong method a 405 with Allow (no servers: the store is a closed port or SQLite)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.store.migrate import upgrade_head
+from service.store.settings import Settings
+
+KEY = "unit-test-key"
+
+
+def _client(database_url: str, tmp_path) -> TestClient:
+    settings = Settings(database_url=database_url, broker_url="memory://", artifact_dir=tmp_path / "artifacts",
+                        api_keys=(KEY,))
+    return TestClient(create_app(settings), headers={"X-API-Key": KEY})
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/runs"), ("GET", "/v1/datasets/x"), ("POST", "/v1/runs/x/cancel"),
+                                          ("GET", "/v1/models")])
+def test_an_unreachable_store_is_a_503_problem_with_retry_after(tmp_path, method, path):
+    with _client("postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2", tmp_path) as client:
+        response = client.request(method, path)
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["detail"] == "the database is unreachable; try again shortly"
+
+
+def test_a_wrong_method_is_a_405_problem_that_says_what_is_allowed(tmp_path):
+    url = f"sqlite:///{tmp_path / 'h2t.db'}"
+    upgrade_head(url)
+    with _client(url, tmp_path) as client:
+        response = client.delete("/v1/runs")
+    assert response.status_code == 405
+    assert response.headers["content-type"] == "application/problem+json"
+    allowed = set(response.headers["allow"].replace(" ", "").split(","))
+    assert allowed and allowed <= {"GET", "POST"}  # the router names the methods of the first route it matched
