@@ -18,7 +18,8 @@ def get_app_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """Commits when the endpoint returns, rolls back when it raises."""
+    """Commits when the endpoint returns, rolls back when it raises; used with scope="function", so
+    the commit happens before the response is sent and a client that reads right after sees the write."""
     with session_scope(request.app.state.settings.database_url) as session:
         yield session
 
@@ -38,4 +39,4 @@ def get_page(limit: Annotated[int, Query(ge=1, le=500, description="items per pa
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 PageDep = Annotated[Page, Depends(get_page)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]

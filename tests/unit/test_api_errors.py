@@ -39,3 +39,32 @@ def test_a_wrong_method_is_a_405_problem_that_says_what_is_allowed(tmp_path):
     assert response.headers["content-type"] == "application/problem+json"
     allowed = set(response.headers["allow"].replace(" ", "").split(","))
     assert allowed and allowed <= {"GET", "POST"}  # the router names the methods of the first route it matched
+
+
+def test_a_write_is_committed_before_its_response_starts(tmp_path):
+    """A client that reads right after a 201 or 202 must see the write: check the store at the very
+    moment the response starts, from another connection."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'h2t.db'}"
+    upgrade_head(url)
+    observer = sa.create_engine(url)
+    seen: list[tuple[str, int, list]] = []
+    settings = Settings(database_url=url, broker_url="memory://", artifact_dir=tmp_path / "artifacts", api_keys=(KEY,))
+    app = create_app(settings)
+
+    async def observed(scope, receive, send):
+        async def watching_send(message):
+            if message["type"] == "http.response.start" and scope["method"] == "POST":
+                with observer.connect() as connection:
+                    datasets = connection.execute(sa.text("SELECT count(*) FROM datasets")).scalar()
+                    statuses = [r[0] for r in connection.execute(sa.text("SELECT status FROM runs"))]
+                seen.append((scope["path"], datasets, statuses))
+            await send(message)
+        await app(scope, receive, watching_send)
+
+    with TestClient(observed, headers={"X-API-Key": KEY}) as client:
+        dataset = client.post("/v1/datasets", json={"builtin": "digits"}).json()["id"]
+        run = client.post("/v1/runs", json={"dataset_id": dataset}).json()["id"]
+        assert client.post(f"/v1/runs/{run}/cancel").status_code == 202
+    assert seen == [("/v1/datasets", 1, []), ("/v1/runs", 1, ["queued"]), (f"/v1/runs/{run}/cancel", 1, ["cancelled"])]
