@@ -185,16 +185,20 @@ def succeed(session: Session, run_id: str, token: str, model: ExportedModel,
 def release(session: Session, run_id: str, token: str) -> bool:
     """Give a claimed run back to the queue (its worker is shutting down after a checkpoint); a run
     being cancelled becomes cancelled. True when it should be sent to the broker again."""
-    if _transition(session, run_id, RunStatus.running, token, status=RunStatus.queued, claim_token=None):
+    if _transition(session, run_id, RunStatus.running, token, status=RunStatus.queued, claim_token=None,
+                   enqueued_at=utcnow()):
         return True
     _transition(session, run_id, RunStatus.cancelling, token, status=RunStatus.cancelled, finished_at=utcnow(),
                 claim_token=None)
     return False
 
 
-def sweep_stale(session: Session, now: datetime, timeout_s: float, max_attempts: int) -> list[str]:
-    """Runs whose worker stopped sending heartbeats: requeue them (returns their ids, to be sent to the
-    broker after commit), or fail them after max_attempts claims; a cancelling one becomes cancelled."""
+def sweep_stale(session: Session, now: datetime, timeout_s: float, max_attempts: int,
+                resend_after_s: float) -> list[str]:
+    """The store is the truth of what must run. Runs whose worker stopped sending heartbeats are requeued,
+    failed after max_attempts claims, or cancelled when a cancel was pending; runs queued for longer than
+    `resend_after_s` since they were last sent are sent again. Returns the ids to send to the broker
+    after commit (each marked as sent now)."""
     stale_before = now - timedelta(seconds=timeout_s)
     stale = session.scalars(select(RunRow).where(
         RunRow.status.in_([RunStatus.running, RunStatus.cancelling]), RunRow.heartbeat_at < stale_before,
@@ -208,7 +212,14 @@ def sweep_stale(session: Session, now: datetime, timeout_s: float, max_attempts:
             row.status, row.finished_at = RunStatus.failed, now
             row.error = f"worker lost {row.attempts} times (last heartbeat {row.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC)"
         else:
-            row.status = RunStatus.queued
+            row.status, row.enqueued_at = RunStatus.queued, now
             requeued.append(row.id)
+    waiting = session.scalars(select(RunRow).where(
+        RunRow.status == RunStatus.queued,
+        func.coalesce(RunRow.enqueued_at, RunRow.created_at) < now - timedelta(seconds=resend_after_s),
+    ).with_for_update(skip_locked=True)).all()
+    for row in waiting:
+        row.enqueued_at = now
+        requeued.append(row.id)
     session.flush()
     return requeued

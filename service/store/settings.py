@@ -43,6 +43,9 @@ class Settings(BaseSettings):
 
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a training worker proves it is alive")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="a running run silent this long is requeued")
+    resend_after_s: float = Field(
+        900.0, gt=0, description="a run still queued this long after it was sent to the broker is sent again "
+        "(a broker restart or a failed claim may have lost its message; one claim wins, extra messages are skipped)")
     max_attempts: int = Field(3, ge=1, description="claims of one run before a lost worker marks it failed")
     sweep_interval_s: float = Field(30.0, gt=0, description="how often stale runs are looked for")
 

@@ -1,4 +1,5 @@
-"""Requeue runs whose worker went silent. Run by the API and by every worker, periodically."""
+"""Requeue runs whose worker went silent and resend runs whose message may be lost. Run by the API
+and by every worker, periodically."""
 
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ log = logging.getLogger("h2t.sweeper")
 def sweep_once(settings: Settings, celery: Celery) -> list[str]:
     """Requeue (or fail, or finish cancelling) stale runs; send requeued ones to the broker after commit."""
     with session_scope(settings.database_url) as session:
-        requeued = runs.sweep_stale(session, utcnow(), settings.heartbeat_timeout_s, settings.max_attempts)
+        requeued = runs.sweep_stale(session, utcnow(), settings.heartbeat_timeout_s, settings.max_attempts,
+                                    settings.resend_after_s)
     for run_id in requeued:
-        enqueue_training(celery, settings, run_id)
-        log.warning("requeued run %s after its worker went silent", run_id, extra={"run_id": run_id})
+        try:
+            enqueue_training(celery, settings, run_id)
+        except Exception:  # the run stays queued in the store: a later sweep sends it again
+            log.exception("could not send run %s to the broker", run_id, extra={"run_id": run_id})
+            continue
+        log.warning("sent run %s to the broker again (its worker went silent or its message was lost)", run_id,
+                    extra={"run_id": run_id})
     return requeued

@@ -111,7 +111,7 @@ def test_the_sweep_requeues_stale_runs_then_fails_them_and_finishes_cancelling_o
             row = session.get(RunRow, run_id)
             row.status, row.attempts, row.heartbeat_at, row.claim_token = status, attempts, old, "t"
     with session_scope(settings.database_url) as session:
-        requeued = runs.sweep_stale(session, utcnow(), timeout_s=60, max_attempts=3)
+        requeued = runs.sweep_stale(session, utcnow(), timeout_s=60, max_attempts=3, resend_after_s=600)
     assert requeued == [ids[0]]
     assert _run(settings, ids[0]).status == RunStatus.queued
     assert _run(settings, ids[1]).status == RunStatus.failed and "worker lost 3 times" in _run(settings, ids[1]).error
@@ -169,3 +169,22 @@ def test_a_cancelled_queued_run_cannot_be_claimed_and_a_finished_run_cannot_be_c
     with session_scope(settings.database_url) as session, pytest.raises(ResourceConflict):
         runs.cancel(session, finished)
     assert _run(settings, finished).status == RunStatus.succeeded
+
+
+def test_the_sweep_resends_runs_queued_too_long_once_per_interval(settings):
+    """A broker that lost its messages (restart without persistence, a claim that failed and was acked)
+    cannot strand a run: the store says it is queued, so the sweep sends it again."""
+    lost, fresh = _queued_run(settings), _queued_run(settings)
+    now = utcnow()
+    with session_scope(settings.database_url) as session:
+        session.get(RunRow, lost).enqueued_at = now - timedelta(minutes=20)
+        session.get(RunRow, fresh).enqueued_at = now - timedelta(minutes=1)
+    with session_scope(settings.database_url) as session:
+        assert runs.sweep_stale(session, now, timeout_s=60, max_attempts=3, resend_after_s=600) == [lost]
+    with session_scope(settings.database_url) as session:  # just sent: not again until the interval passes
+        assert runs.sweep_stale(session, now + timedelta(minutes=5), timeout_s=60, max_attempts=3,
+                                resend_after_s=600) == []
+    with session_scope(settings.database_url) as session:
+        later = runs.sweep_stale(session, now + timedelta(minutes=11), timeout_s=60, max_attempts=3,
+                                 resend_after_s=600)
+    assert sorted(later) == sorted([lost, fresh])

@@ -10,7 +10,7 @@ from models.contract.config import RunConfig
 from service.api.datasets.service import get as get_dataset
 from service.api.runs.schemas import MetricPublic, RunCreate, RunPublic
 from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
-from service.store.orm import MetricRow, ModelRow, RunRow, RunStatus
+from service.store.orm import MetricRow, ModelRow, RunRow, RunStatus, utcnow
 from service.store.runs import get
 
 
@@ -62,7 +62,7 @@ def create(session: Session, body: RunCreate) -> RunRow:
         if source.dataset_id != body.dataset_id or source_config.backbone != config.backbone:
             raise ResourceConflict("stage1_from: that run trained another dataset or backbone")
     row = RunRow(dataset_id=dataset.id, stage1_from=body.stage1_from, config=config.model_dump(mode="json"),
-                 status=RunStatus.queued)
+                 status=RunStatus.queued, enqueued_at=utcnow())
     session.add(row)
     session.flush()
     return row
