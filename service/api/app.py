@@ -30,19 +30,31 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` with 413, by Content-Length or while streaming."""
+def body_limit(settings: Settings, path: str, content_type: bytes) -> int:
+    """The largest request body a route can need: the predict limits for a predict request, the upload
+    limit for a dataset archive, a few KB for anything else (a run, a builtin dataset). Larger bodies
+    are refused with 413 before they are buffered."""
+    if path.endswith("/predict"):
+        return settings.predict_max_images * (settings.predict_max_image_bytes * 4 // 3 + 1024) + 64 * 1024
+    if path == "/v1/datasets" and content_type.lower().startswith(b"multipart/form-data"):
+        return settings.max_upload_bytes
+    return settings.max_json_body_bytes
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+
+class BodySizeLimit:
+    """Refuse request bodies over the route's limit with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        max_bytes = body_limit(self.settings, scope.get("path", ""), headers.get(b"content-type", b""))
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            return await self._refuse(scope, receive, send, max_bytes)
         seen = 0
         started = False
 
@@ -51,7 +63,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     raise _BodyTooLarge
             return message
 
@@ -64,10 +76,11 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, max_bytes)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem(413, "Content too large", f"the request body exceeds {self.max_bytes} bytes",
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
+        response = problem(413, "Content too large", f"the request body exceeds {max_bytes} bytes",
                            scope.get("path", ""))
         await response(scope, receive, send)
 
@@ -110,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(runs_router)
     app.include_router(models_router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, settings=settings)
     app.add_middleware(RequestTimer, metrics=metrics)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)

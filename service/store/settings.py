@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     queue_name: str = Field("training", description="Celery queue the workers consume")
 
     max_upload_bytes: int = Field(512 * 2**20, gt=0, description="largest accepted request body (archive)")
+    max_json_body_bytes: int = Field(64 * 2**10, gt=0, description="largest body of the other JSON endpoints (runs)")
     max_archive_members: int = Field(200_000, gt=0)
     max_archive_bytes: int = Field(4 * 2**30, gt=0, description="largest total uncompressed archive size")
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest width x height of one image")

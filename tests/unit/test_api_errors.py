@@ -68,3 +68,19 @@ def test_a_write_is_committed_before_its_response_starts(tmp_path):
         run = client.post("/v1/runs", json={"dataset_id": dataset}).json()["id"]
         assert client.post(f"/v1/runs/{run}/cancel").status_code == 202
     assert seen == [("/v1/datasets", 1, []), ("/v1/runs", 1, ["queued"]), (f"/v1/runs/{run}/cancel", 1, ["cancelled"])]
+
+
+@pytest.mark.parametrize("path, content_type, size, status", [
+    ("/v1/runs", "application/json", 200_000, 413),
+    ("/v1/datasets", "application/json", 200_000, 413),
+    ("/v1/datasets", "multipart/form-data; boundary=x", 200_000, 400),  # archives may be large: read, malformed
+])
+def test_bodies_are_bounded_per_route(tmp_path, path, content_type, size, status):
+    url = f"sqlite:///{tmp_path / 'h2t.db'}"
+    upgrade_head(url)
+    with _client(url, tmp_path) as client:
+        response = client.post(path, content=b"{" + b" " * size + b"}", headers={"content-type": content_type})
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    if status == 413:
+        assert response.json()["detail"] == "the request body exceeds 65536 bytes"
