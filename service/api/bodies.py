@@ -4,6 +4,7 @@ model (or the type it uses), so the JSON path, the multipart path and the OpenAP
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -23,9 +24,15 @@ def _invalid(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)])
 
 
+LARGE_BODY_BYTES = 64 * 2**10  # larger bodies are parsed off the event loop
+
+
 async def parse_json(request: Request, schema: type[Schema]) -> Schema:
+    body = await request.body()
     try:
-        return schema.model_validate_json(await request.body())
+        if len(body) > LARGE_BODY_BYTES:
+            return await asyncio.to_thread(schema.model_validate_json, body)
+        return schema.model_validate_json(body)
     except ValidationError as exc:
         raise _invalid(exc) from exc
 

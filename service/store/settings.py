@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     max_json_body_bytes: int = Field(64 * 2**10, gt=0, description="largest body of the other JSON endpoints (runs)")
     max_archive_members: int = Field(200_000, gt=0)
     max_archive_bytes: int = Field(4 * 2**30, gt=0, description="largest total uncompressed archive size")
+    max_archive_member_bytes: int = Field(64 * 2**20, gt=0, description="largest uncompressed file in an archive")
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest width x height of one image")
 
     predict_max_images: int = Field(64, gt=0, description="images in one predict request")

@@ -164,6 +164,7 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[Sett
         max_upload_bytes=2 * 2**20,
         max_archive_members=50,
         max_archive_bytes=4 * 2**20,
+        max_archive_member_bytes=2 * 2**20,
         max_image_pixels=512 * 512,
     )
     client = redis.Redis.from_url(redis_url)

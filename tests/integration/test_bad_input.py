@@ -162,6 +162,8 @@ CASES = [
     Case("too many members", 413, lambda c, ids: upload(c, make_zip(good_files(per_class=15))), "members"),
     Case("body over the upload limit", 413, lambda c, ids: upload(c, b"\0" * (3 * 2**20)), "exceeds"),
     Case("archive unpacks too large", 413, lambda c, ids: upload(c, _declared_bomb()), "unpacks to more"),
+    Case("one member unpacks too large", 413,
+         lambda c, ids: upload(c, zip_with(**{"train/cat/huge.png": b"\0" * (2 * 2**20 + 1)})), "huge.png' unpacks"),
     Case("file outside train/test", 422, lambda c, ids: upload(c, zip_with(**{"train/x.png": png()})), "train/<class>"),
     Case("only one class", 422, lambda c, ids: upload(c, make_zip(good_files(classes=("cat",)))), "two class"),
     Case("test class unknown to train", 422, lambda c, ids: upload(c, zip_with(**{"test/cow/0.png": png()})), "lacks"),

@@ -28,8 +28,9 @@ IGNORED_PARTS = ("__MACOSX",)  # metadata folders added by archivers
 @dataclass(frozen=True)
 class ArchiveLimits:
     max_members: int
-    max_bytes: int
+    max_bytes: int  # all members together, uncompressed
     max_image_pixels: int
+    max_member_bytes: int  # one member, uncompressed: what is held in memory at once
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,10 @@ def _extract(members: Iterator[_Member], dest: Path, limits: ArchiveLimits) -> F
             raise InvalidInput(f"archive member {member.name!r} is not an image ({', '.join(IMAGE_SUFFIXES)})")
         if len(cls) > 200:
             raise InvalidInput(f"class name {cls[:40]!r}... is longer than 200 characters")
-        data = member.read()
+        if member.size > limits.max_member_bytes:
+            raise PayloadTooLarge(
+                f"archive member {member.name!r} unpacks to more than {limits.max_member_bytes} bytes")
+        data = member.read()  # at most the declared size + 1 bytes
         if len(data) != member.size:
             raise InvalidInput(f"archive member {member.name!r} is not the size its header declares")
         written += len(data)

@@ -51,7 +51,8 @@ def create_from_archive(
     scratch, final = settings.artifacts.incoming_dataset(dataset_id), settings.artifacts.dataset(dataset_id)
     scratch.parent.mkdir(parents=True, exist_ok=True)
     try:
-        limits = ArchiveLimits(settings.max_archive_members, settings.max_archive_bytes, settings.max_image_pixels)
+        limits = ArchiveLimits(settings.max_archive_members, settings.max_archive_bytes, settings.max_image_pixels,
+                               settings.max_archive_member_bytes)
         summary = extract_image_folder(archive_path, scratch, limits)
         scratch.rename(final)
         spec = ArchiveDataset(archive=settings.artifacts.relative(final), image_size=form.image_size)

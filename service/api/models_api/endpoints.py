@@ -64,15 +64,10 @@ async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
         body = await parse_json(request, PredictJSON)
         if len(body.images) > settings.predict_max_images:
             raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request")
-        blobs = []
         for i, text in enumerate(body.images):
             if len(text) > settings.predict_max_image_bytes * 4 // 3 + 4:
                 raise PayloadTooLarge(f"image {i} is larger than {settings.predict_max_image_bytes} bytes")
-            try:
-                blobs.append(base64.b64decode(text, validate=True))
-            except (binascii.Error, ValueError) as exc:
-                raise InvalidInput(f"image {i} is not valid base64") from exc
-        return blobs, body.top_k
+        return await asyncio.to_thread(_decode_base64, body.images), body.top_k
     if content_type == "multipart/form-data":
         form = await request.form(max_files=settings.predict_max_images + 1, max_fields=10)
         files = [f for f in form.getlist(_IMAGES_FIELD) if isinstance(f, UploadFile)]
@@ -89,6 +84,17 @@ async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
             blobs.append(data)
         return blobs, top_k
     raise UnsupportedMediaType(f"send multipart/form-data or application/json, not {content_type!r}")
+
+
+def _decode_base64(texts: list[str]) -> list[bytes]:
+    """Base64 to bytes: up to hundreds of MB, so the caller runs it off the event loop."""
+    blobs = []
+    for i, text in enumerate(texts):
+        try:
+            blobs.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidInput(f"image {i} is not valid base64") from exc
+    return blobs
 
 
 def _decode_all(blobs: list[bytes], image_size: int, max_pixels: int) -> np.ndarray:
