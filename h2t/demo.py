@@ -116,9 +116,7 @@ def run_service_demo(stage1_epochs: int | None = None, stage2_epochs: int | None
         key = secrets.token_urlsafe(16)
         env = {
             **os.environ,
-            "H2T_DATABASE_URL": f"sqlite:///{home / 'h2t.db'}",
-            "H2T_BROKER_URL": f"sqla+sqlite:///{home / 'broker.db'}",
-            "H2T_ARTIFACT_DIR": str(home / "artifacts"),
+            "H2T_HOME": str(home),  # the store, the broker and the artifacts all live under it
             "H2T_API_KEYS": key,
             "PYTHONUNBUFFERED": "1",
         }

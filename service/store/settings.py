@@ -19,10 +19,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="H2T_", frozen=True)
 
-    database_url: str = Field(f"sqlite:///{DEFAULT_HOME}/h2t.db", description="SQLAlchemy URL of the store")
-    broker_url: str = Field(f"sqla+sqlite:///{DEFAULT_HOME}/broker.db",
-                            description="Celery broker: redis://... in production; the default needs no server")
-    artifact_dir: Path = Field(DEFAULT_HOME / "artifacts", description="checkpoints, uploaded datasets, ONNX files")
+    home: Path = Field(DEFAULT_HOME, description="the embedded setup's folder: the store, broker and artifacts "
+                       "default to files under it, so two setups with two homes never share a queue")
+    database_url: str = Field("", description="SQLAlchemy URL of the store (default: SQLite in the home)")
+    broker_url: str = Field("", description="Celery broker: redis://... in production; the default, SQLite in the "
+                            "home, needs no server")
+    artifact_dir: Path = Field(Path(), description="checkpoints, uploaded datasets, ONNX files "
+                               "(default: HOME/artifacts)")
     data_root: Path = Field(Path("./data"), description="where the builtin CIFAR python files live")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="comma-separated keys accepted in the X-API-Key header; at least one is required")
@@ -50,6 +53,16 @@ class Settings(BaseSettings):
         "(a broker restart or a failed claim may have lost its message; one claim wins, extra messages are skipped)")
     max_attempts: int = Field(3, ge=1, description="claims of one run before a lost worker marks it failed")
     sweep_interval_s: float = Field(30.0, gt=0, description="how often stale runs are looked for")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_under_home(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        home = Path(data.get("home") or DEFAULT_HOME)
+        defaults = {"database_url": f"sqlite:///{home}/h2t.db", "broker_url": f"sqla+sqlite:///{home}/broker.db",
+                    "artifact_dir": home / "artifacts"}
+        return {**data, **{key: value for key, value in defaults.items() if not data.get(key)}}
 
     @field_validator("api_keys", mode="before")
     @classmethod

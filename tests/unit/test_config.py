@@ -63,3 +63,18 @@ def test_config_module_does_not_import_torch():
 
     code = "import sys, models.contract.config; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_embedded_defaults_live_under_one_home_and_explicit_settings_win(monkeypatch, tmp_path):
+    from service.store.settings import Settings
+
+    monkeypatch.setenv("H2T_HOME", str(tmp_path / "a"))
+    monkeypatch.delenv("H2T_DATABASE_URL", raising=False)
+    monkeypatch.delenv("H2T_BROKER_URL", raising=False)
+    monkeypatch.delenv("H2T_ARTIFACT_DIR", raising=False)
+    a = Settings()
+    assert (a.database_url, a.broker_url, a.artifact_dir) == (
+        f"sqlite:///{tmp_path}/a/h2t.db", f"sqla+sqlite:///{tmp_path}/a/broker.db", tmp_path / "a" / "artifacts")
+    monkeypatch.setenv("H2T_BROKER_URL", "redis://127.0.0.1:6379/0")
+    b = Settings(home=tmp_path / "b")
+    assert (b.database_url, b.broker_url) == (f"sqlite:///{tmp_path}/b/h2t.db", "redis://127.0.0.1:6379/0")
