@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -63,6 +64,16 @@ def good_files(classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 3) ->
 
 def upload(client, data: bytes, filename: str = "data.zip", **fields):
     return client.post("/v1/datasets", files={"archive": (filename, data, "application/octet-stream")}, data=fields)
+
+
+def _zip_entries(entries: list[tuple[str, bytes]]) -> bytes:
+    """A zip whose members may repeat a name (zipfile warns, but writes them)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:
+        warnings.simplefilter("ignore")
+        for name, data in entries:
+            archive.writestr(name, data)
+    return buffer.getvalue()
 
 
 def zip_with(**extra: bytes) -> bytes:
@@ -162,6 +173,8 @@ CASES = [
     Case("too many members", 413, lambda c, ids: upload(c, make_zip(good_files(per_class=15))), "members"),
     Case("body over the upload limit", 413, lambda c, ids: upload(c, b"\0" * (3 * 2**20)), "exceeds"),
     Case("archive unpacks too large", 413, lambda c, ids: upload(c, _declared_bomb()), "unpacks to more"),
+    Case("the same member twice", 422, lambda c, ids: upload(c, _zip_entries(
+        [(name, data) for name, data in good_files().items()] + [("train/cat/0.png", png(seed=9))])), "appears twice"),
     Case("one member unpacks too large", 413,
          lambda c, ids: upload(c, zip_with(**{"train/cat/huge.png": b"\0" * (2 * 2**20 + 1)})), "huge.png' unpacks"),
     Case("file outside train/test", 422, lambda c, ids: upload(c, zip_with(**{"train/x.png": png()})), "train/<class>"),

@@ -131,12 +131,16 @@ def _extract(members: Iterator[_Member], dest: Path, limits: ArchiveLimits) -> F
     tops = {parts[0] for parts, _ in entries}
     strip = 1 if len(tops) == 1 and next(iter(tops)) not in ("train", "test") else 0
     counts: dict[str, dict[str, int]] = {"train": {}, "test": {}}
+    extracted: set[tuple[str, str, str]] = set()
     written = 0
     for parts, member in entries:
         rel = parts[strip:]
         if len(rel) != 3 or rel[0] not in counts:
             raise InvalidInput(f"archive member {member.name!r} is not train/<class>/<image> or test/<class>/<image>")
         split, cls, filename = rel
+        if (split, cls, filename) in extracted:  # a second copy would overwrite the first and skew the counts
+            raise InvalidInput(f"archive member {member.name!r} appears twice")
+        extracted.add((split, cls, filename))
         if not filename.lower().endswith(IMAGE_SUFFIXES):
             raise InvalidInput(f"archive member {member.name!r} is not an image ({', '.join(IMAGE_SUFFIXES)})")
         if len(cls) > 200:
