@@ -8,11 +8,15 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
+
+import sqlalchemy.exc
 
 from models.contract.layout import ONNX_KIND, STAGES, ArtifactLayout, RunFolder, checkpoint_kind
 from models.contract.metrics import EpochMetrics
@@ -24,6 +28,7 @@ from service.store.runs import ClaimedRun, ExportedModel, StoredFile
 from service.store.settings import Settings
 
 log = logging.getLogger("h2t.worker")
+T = TypeVar("T")
 
 
 class Outcome(enum.StrEnum):
@@ -43,6 +48,21 @@ class ExportFailed(Exception):
 
 class ClaimLost(Exception):
     """Another worker took the run over (this one was declared dead); stop without writing."""
+
+
+STORE_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # about 30 s in all, well inside the heartbeat timeout
+
+
+def with_store_retries(write: Callable[[], T], what: str) -> T:
+    """Run a store write, retrying with backoff while the database is unreachable: a blip must not cost
+    a training attempt. The last failure propagates (the run fails and keeps its checkpoint)."""
+    for delay in STORE_RETRY_DELAYS_S:
+        try:
+            return write()
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
+            log.warning("the store is unreachable while %s; trying again in %.0f s", what, delay)
+            time.sleep(delay)
+    return write()
 
 
 class Heartbeat(threading.Thread):
@@ -105,13 +125,16 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     from models.core.export import export_and_calibrate
     from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
 
+    def record(m: EpochMetrics) -> RunStatus | None:
+        with session_scope(settings.database_url) as session:
+            return runs.record_epoch(session, run_id, token, m)
+
     def on_epoch(m: EpochMetrics) -> None:
         if beat.lost.is_set():
             raise ClaimLost
-        with session_scope(settings.database_url) as session:
-            status = runs.record_epoch(session, run_id, token, m)
-            if status is None:
-                raise ClaimLost
+        status = with_store_retries(lambda: record(m), f"recording epoch {m.epoch} of stage {m.stage} of run {run_id}")
+        if status is None:
+            raise ClaimLost
         if status == RunStatus.cancelling:
             raise TrainingCancelled
 
@@ -144,9 +167,11 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     except Exception as exc:  # the run failed, the worker carries on with the next one
         log.error("run %s failed:\n%s", run_id, traceback.format_exc(), extra={"run_id": run_id})
         status, error = RunStatus.failed, str(exc) if isinstance(exc, ExportFailed) else f"{type(exc).__name__}: {exc}"
-    with session_scope(settings.database_url) as session:
-        if exported is not None:
-            ended = runs.succeed(session, run_id, token, exported, files)
-        else:
-            ended = runs.finish(session, run_id, token, status, error)
+    def end() -> RunStatus | None:
+        with session_scope(settings.database_url) as session:
+            if exported is not None:
+                return runs.succeed(session, run_id, token, exported, files)
+            return runs.finish(session, run_id, token, status, error)
+
+    ended = with_store_retries(end, f"ending run {run_id}")
     return Outcome.lost if ended is None else Outcome(ended.value)

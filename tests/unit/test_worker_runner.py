@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+import sqlalchemy.exc
 
 from models.contract.config import RunConfig
 from models.contract.metrics import EpochMetrics, evaluate_predictions
@@ -188,3 +189,22 @@ def test_the_sweep_resends_runs_queued_too_long_once_per_interval(settings):
         later = runs.sweep_stale(session, now + timedelta(minutes=11), timeout_s=60, max_attempts=3,
                                  resend_after_s=600)
     assert sorted(later) == sorted([lost, fresh])
+
+
+def test_a_database_blip_while_recording_an_epoch_is_retried_not_fatal(settings, monkeypatch):
+    record_epoch, failures = runs.record_epoch, []
+
+    def flaky(*args, **kwargs):
+        if len(failures) < 2:  # the first two writes find the database gone
+            failures.append(1)
+            raise sqlalchemy.exc.OperationalError("INSERT", {}, ConnectionError("server closed the connection"))
+        return record_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "record_epoch", flaky)
+    monkeypatch.setattr(runner, "STORE_RETRY_DELAYS_S", (0.01, 0.01, 0.01))
+    run_id = _queued_run(settings, **TINY)
+    assert runner.train_run(run_id, settings, "w1", threading.Event()) == runner.Outcome.succeeded
+    assert len(failures) == 2 and _run(settings, run_id).attempts == 1
+    with session_scope(settings.database_url) as session:
+        keys = sorted((m.stage, m.epoch) for m in session.query(MetricRow).filter_by(run_id=run_id))
+    assert keys == [(1, 1), (1, 2), (2, 1)]
