@@ -184,6 +184,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "H2T_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
         "H2T_HEARTBEAT_TIMEOUT_S": str(settings.heartbeat_timeout_s),
         "H2T_SWEEP_INTERVAL_S": str(settings.sweep_interval_s),
+        "H2T_RESEND_AFTER_S": str(settings.resend_after_s),
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
     }
