@@ -77,3 +77,23 @@ def test_runs_queued_when_the_broker_restarts_empty_all_finish_once(settings, tm
     assert [f["status"] for f in finals] == ["succeeded"] * 3
     tiny_epochs = [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]  # the tiny run: 3 + 2 epochs, each recorded once
     assert stored_metric_rows(settings.database_url) == sorted((r, s, e) for r in ids for s, e in tiny_epochs)
+
+
+def test_a_cancel_right_after_submission_always_ends_cancelled(client, start_worker, settings):
+    """Twenty submit-then-cancel pairs against a live worker: whether the cancel lands before or after
+    the claim, no run is ever trained to success and every cancel is visible at once."""
+    dataset = create_tiny_dataset(client)
+    worker = start_worker()
+    ids = []
+    for _ in range(20):
+        run_id = submit_run(client, dataset)["id"]
+        response = client.post(f"/v1/runs/{run_id}/cancel")
+        assert response.status_code == 202 and response.json()["status"] in ("cancelled", "cancelling")
+        assert get_run(client, run_id)["status"] == response.json()["status"]  # the write is visible at once
+        ids.append(run_id)
+    try:
+        finals = [wait_for_run(client, run_id, ("cancelled",), 120) for run_id in ids]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{worker.log()[-3000:]}") from None
+    assert [(f["status"], f["model_id"]) for f in finals] == [("cancelled", None)] * 20
+    assert client.get("/v1/models").json()["count"] == 0
