@@ -99,14 +99,21 @@ def train_run(run_id: str, settings: Settings, worker_name: str, stop: threading
     """The task body. `stop` is set when this worker must shut down (SIGTERM): training stops after its
     next checkpoint, the run goes back to queued and `requeue` sends it to the broker again."""
     token = str(uuid.uuid4())
-    with session_scope(settings.database_url) as session:
-        now = utcnow()
-        if not runs.claim(session, run_id, token, worker_name, now,
-                          now - timedelta(seconds=settings.heartbeat_timeout_s)):
-            log.info("run %s is not claimable (taken, finished or cancelled): skipped", run_id,
-                     extra={"run_id": run_id})
-            return Outcome.skipped
-        claimed = runs.begin(session, run_id)
+
+    def claim() -> ClaimedRun | None:
+        with session_scope(settings.database_url) as session:
+            now = utcnow()
+            if not runs.claim(session, run_id, token, worker_name, now,
+                              now - timedelta(seconds=settings.heartbeat_timeout_s)):
+                return None
+            return runs.begin(session, run_id)
+
+    # a store that is briefly down must not make this delivery drop the run (the sweep would resend it,
+    # but only after H2T_RESEND_AFTER_S)
+    claimed = with_store_retries(claim, f"claiming run {run_id}")
+    if claimed is None:
+        log.info("run %s is not claimable (taken, finished or cancelled): skipped", run_id, extra={"run_id": run_id})
+        return Outcome.skipped
     log.info("claimed run %s (attempt by %s)", run_id, worker_name, extra={"run_id": run_id})
 
     beat = Heartbeat(settings, run_id, token)

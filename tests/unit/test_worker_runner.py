@@ -191,20 +191,24 @@ def test_the_sweep_resends_runs_queued_too_long_once_per_interval(settings):
     assert sorted(later) == sorted([lost, fresh])
 
 
-def test_a_database_blip_while_recording_an_epoch_is_retried_not_fatal(settings, monkeypatch):
-    record_epoch, failures = runs.record_epoch, []
-
+def _failing_twice(write, failures: list[str]):
     def flaky(*args, **kwargs):
-        if len(failures) < 2:  # the first two writes find the database gone
-            failures.append(1)
-            raise sqlalchemy.exc.OperationalError("INSERT", {}, ConnectionError("server closed the connection"))
-        return record_epoch(*args, **kwargs)
+        if len(failures) < 2:  # the first two calls find the database gone
+            failures.append(write.__name__)
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, ConnectionError("server closed the connection"))
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(runs, "record_epoch", flaky)
+    return flaky
+
+
+@pytest.mark.parametrize("write", ["claim", "record_epoch"])
+def test_a_database_blip_while_claiming_or_recording_is_retried_not_fatal(settings, monkeypatch, write):
+    failures: list[str] = []
+    monkeypatch.setattr(runs, write, _failing_twice(getattr(runs, write), failures))
     monkeypatch.setattr(runner, "STORE_RETRY_DELAYS_S", (0.01, 0.01, 0.01))
     run_id = _queued_run(settings, **TINY)
     assert runner.train_run(run_id, settings, "w1", threading.Event()) == runner.Outcome.succeeded
-    assert len(failures) == 2 and _run(settings, run_id).attempts == 1
+    assert failures == [write, write] and _run(settings, run_id).attempts == 1
     with session_scope(settings.database_url) as session:
         keys = sorted((m.stage, m.epoch) for m in session.query(MetricRow).filter_by(run_id=run_id))
     assert keys == [(1, 1), (1, 2), (2, 1)]
