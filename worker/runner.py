@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import sqlalchemy.exc
+from sqlalchemy.orm import Session
 
 from models.contract.layout import ONNX_KIND, STAGES, ArtifactLayout, RunFolder, checkpoint_kind
 from models.contract.metrics import EpochMetrics
@@ -53,16 +54,19 @@ class ClaimLost(Exception):
 STORE_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # about 30 s in all, well inside the heartbeat timeout
 
 
-def with_store_retries(write: Callable[[], T], what: str) -> T:
-    """Run a store write, retrying with backoff while the database is unreachable: a blip must not cost
-    a training attempt. The last failure propagates (the run fails and keeps its checkpoint)."""
+def in_store(settings: Settings, work: Callable[[Session], T], what: str) -> T:
+    """One unit of work on the store (committed when `work` returns), retried with backoff while the
+    database is unreachable: a blip must neither drop a delivery nor cost a training attempt. The
+    last failure propagates (the run keeps its checkpoint)."""
     for delay in STORE_RETRY_DELAYS_S:
         try:
-            return write()
+            with session_scope(settings.database_url) as session:
+                return work(session)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
             log.warning("the store is unreachable while %s; trying again in %.0f s", what, delay)
             time.sleep(delay)
-    return write()
+    with session_scope(settings.database_url) as session:  # the last try: its failure propagates
+        return work(session)
 
 
 class Heartbeat(threading.Thread):
@@ -100,17 +104,16 @@ def train_run(run_id: str, settings: Settings, worker_name: str, stop: threading
     next checkpoint, the run goes back to queued and `requeue` sends it to the broker again."""
     token = str(uuid.uuid4())
 
-    def claim() -> ClaimedRun | None:
-        with session_scope(settings.database_url) as session:
-            now = utcnow()
-            if not runs.claim(session, run_id, token, worker_name, now,
-                              now - timedelta(seconds=settings.heartbeat_timeout_s)):
-                return None
-            return runs.begin(session, run_id)
+    def claim(session: Session) -> ClaimedRun | None:
+        now = utcnow()
+        stale_before = now - timedelta(seconds=settings.heartbeat_timeout_s)
+        if not runs.claim(session, run_id, token, worker_name, now, stale_before):
+            return None
+        return runs.begin(session, run_id)
 
     # a store that is briefly down must not make this delivery drop the run (the sweep would resend it,
     # but only after H2T_RESEND_AFTER_S)
-    claimed = with_store_retries(claim, f"claiming run {run_id}")
+    claimed = in_store(settings, claim, f"claiming run {run_id}")
     if claimed is None:
         log.info("run %s is not claimable (taken, finished or cancelled): skipped", run_id, extra={"run_id": run_id})
         return Outcome.skipped
@@ -132,14 +135,11 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     from models.core.export import export_and_calibrate
     from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
 
-    def record(m: EpochMetrics) -> RunStatus | None:
-        with session_scope(settings.database_url) as session:
-            return runs.record_epoch(session, run_id, token, m)
-
     def on_epoch(m: EpochMetrics) -> None:
         if beat.lost.is_set():
             raise ClaimLost
-        status = with_store_retries(lambda: record(m), f"recording epoch {m.epoch} of stage {m.stage} of run {run_id}")
+        status = in_store(settings, lambda session: runs.record_epoch(session, run_id, token, m),
+                          f"recording epoch {m.epoch} of stage {m.stage} of run {run_id}")
         if status is None:
             raise ClaimLost
         if status == RunStatus.cancelling:
@@ -163,8 +163,8 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     except ClaimLost:
         return Outcome.lost
     except TrainingInterrupted as exc:
-        with session_scope(settings.database_url) as session:
-            send_again = runs.release(session, run_id, token)
+        send_again = in_store(settings, lambda session: runs.release(session, run_id, token),
+                              f"releasing run {run_id}")
         if send_again:
             requeue(run_id)  # after the commit, so the next worker finds it queued
         log.warning("run %s requeued: %s", run_id, exc, extra={"run_id": run_id})
@@ -174,11 +174,10 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     except Exception as exc:  # the run failed, the worker carries on with the next one
         log.error("run %s failed:\n%s", run_id, traceback.format_exc(), extra={"run_id": run_id})
         status, error = RunStatus.failed, str(exc) if isinstance(exc, ExportFailed) else f"{type(exc).__name__}: {exc}"
-    def end() -> RunStatus | None:
-        with session_scope(settings.database_url) as session:
-            if exported is not None:
-                return runs.succeed(session, run_id, token, exported, files)
-            return runs.finish(session, run_id, token, status, error)
+    def end(session: Session) -> RunStatus | None:
+        if exported is not None:
+            return runs.succeed(session, run_id, token, exported, files)
+        return runs.finish(session, run_id, token, status, error)
 
-    ended = with_store_retries(end, f"ending run {run_id}")
+    ended = in_store(settings, end, f"ending run {run_id}")
     return Outcome.lost if ended is None else Outcome(ended.value)

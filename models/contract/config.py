@@ -79,7 +79,8 @@ DatasetConfig = Annotated[
     Discriminator(_dataset_tag, custom_error_type="dataset_kind",
                   custom_error_message="a dataset names one of 'builtin', 'folder' or 'archive'"),
 ]
-DATASET_SPEC: TypeAdapter[BuiltinDataset | FolderDataset | ArchiveDataset] = TypeAdapter(DatasetConfig)
+DatasetSpec = BuiltinDataset | FolderDataset | ArchiveDataset  # what DATASET_SPEC reads a stored spec into
+DATASET_SPEC: TypeAdapter[DatasetSpec] = TypeAdapter(DatasetConfig)
 
 
 class GroupConfig(_Frozen):

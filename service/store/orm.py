@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from models.contract.config import DATASET_SPEC, ArchiveDataset, BuiltinDataset, FolderDataset
+from models.contract.config import DATASET_SPEC, DatasetSpec
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -59,7 +59,7 @@ class DatasetRow(Base):
     image_size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    def dataset_spec(self) -> BuiltinDataset | FolderDataset | ArchiveDataset:
+    def dataset_spec(self) -> DatasetSpec:
         return DATASET_SPEC.validate_python(self.spec)
 
 

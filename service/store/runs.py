@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from models.contract.config import ArchiveDataset, BuiltinDataset, FolderDataset, RunConfig
+from models.contract.config import DatasetSpec, RunConfig
 from models.contract.metrics import EpochMetrics, EvaluationReport
 from models.contract.onnx_model import ModelSpec
 from service.store.errors import ResourceConflict, ResourceNotFound
@@ -85,7 +85,7 @@ class ClaimedRun:
     """What a worker needs to train a run it has claimed."""
 
     config: RunConfig
-    dataset: BuiltinDataset | FolderDataset | ArchiveDataset
+    dataset: DatasetSpec
     stage1_from: str | None  # a succeeded run whose stage 1 this one reuses
 
 
