@@ -4,6 +4,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from service.api.errors import problem, problems
 from service.store.db import get_engine
 
 router = APIRouter(tags=["health"])
@@ -14,7 +15,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database and the broker are reachable (else 503)")
+@router.get("/readyz", summary="The database and the broker are reachable (else 503)", responses=problems(503))
 def readyz(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     checks: dict[str, str] = {}
@@ -30,10 +31,6 @@ def readyz(request: Request) -> JSONResponse:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"error: {type(exc).__name__}"
-    ready = all(v == "ok" for v in checks.values())
-    body = {"status": "ready" if ready else "not ready", "checks": checks}
-    if ready:
-        return JSONResponse(body)
-    return JSONResponse({"type": "about:blank", "title": "Service unavailable", "status": 503,
-                         "detail": "a dependency is unreachable", "instance": "/readyz", **body},
-                        status_code=503, media_type="application/problem+json")
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    return problem(503, "Service unavailable", "a dependency is unreachable", request.url.path, checks=checks)

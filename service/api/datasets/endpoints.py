@@ -13,10 +13,11 @@ from service.api.bodies import json_or_multipart_body, media_type, parse_form_fi
 from service.api.datasets import service
 from service.api.datasets.schemas import ArchiveDatasetForm, BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
 from service.api.deps import PageDep, SessionDep, SettingsDep
+from service.api.errors import problems
 from service.store.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.store.orm import NAME_LENGTH
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problems(401, 422, 503))
 
 _ARCHIVE_FIELD = "archive"
 _CREATE_BODY = json_or_multipart_body(BuiltinDatasetCreate, ArchiveDatasetForm, {_ARCHIVE_FIELD: {
@@ -35,6 +36,7 @@ async def _spool_upload(upload: UploadFile, dest: Path, max_bytes: int) -> None:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, openapi_extra=_CREATE_BODY,
+             responses=problems(400, 413, 415),
              summary="Create a dataset from an uploaded ImageFolder archive or a builtin long-tailed dataset")
 async def create_dataset(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                          _: ApiKey) -> DatasetPublic:
@@ -74,12 +76,12 @@ def list_datasets(session: SessionDep, _: ApiKey, page: PageDep) -> DatasetsPubl
     return DatasetsPublic(data=[service.to_public(r) for r in rows], count=total)
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic)
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=problems(404))
 def get_dataset(dataset_id: str, session: SessionDep, _: ApiKey) -> DatasetPublic:
     return service.to_public(service.get(session, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(404, 409))
 def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey) -> Response:
     folder = service.delete(session, settings, dataset_id)
     session.commit()

@@ -13,6 +13,7 @@ from models.contract.onnx_model import decode_image
 from service.api.auth import ApiKey
 from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
 from service.api.deps import PageDep, SessionDep, SettingsDep
+from service.api.errors import problems
 from service.api.models_api import service
 from service.api.models_api.schemas import (
     CalibrationPublic,
@@ -25,7 +26,7 @@ from service.api.models_api.schemas import (
 from service.store.db import session_scope
 from service.store.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=problems(401, 422, 503))
 
 _IMAGES_FIELD = "images"
 _PREDICT_BODY = json_or_multipart_body(PredictJSON, PredictOptions, {
@@ -38,20 +39,20 @@ def list_models(session: SessionDep, _: ApiKey, page: PageDep) -> ModelsPublic:
     return ModelsPublic(data=[service.to_public(m, r) for m, r in rows], count=total)
 
 
-@router.get("/{model_id}", response_model=ModelPublic)
+@router.get("/{model_id}", response_model=ModelPublic, responses=problems(404, 409))
 def get_model(model_id: str, session: SessionDep, _: ApiKey) -> ModelPublic:
     return service.to_public(*service.get(session, model_id))
 
 
 @router.get("/{model_id}/onnx", response_class=FileResponse, summary="Download the ONNX file",
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            responses={200: {"content": {"application/octet-stream": {}}}, **problems(404, 409)})
 def download_onnx(model_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey) -> FileResponse:
     row, _run = service.get(session, model_id)
     return FileResponse(settings.artifacts.resolve(row.onnx_path), media_type="application/octet-stream",
                         filename=f"h2t-{model_id}.onnx", headers={"ETag": f'"{row.sha256}"'})
 
 
-@router.get("/{model_id}/calibration", response_model=CalibrationPublic,
+@router.get("/{model_id}/calibration", response_model=CalibrationPublic, responses=problems(404, 409),
             summary="Accuracy, ECE and reliability bins overall and per group, on the test split")
 def get_calibration(model_id: str, session: SessionDep, _: ApiKey) -> CalibrationPublic:
     row, _run = service.get(session, model_id)
@@ -108,6 +109,7 @@ def _decode_all(blobs: list[bytes], image_size: int, max_pixels: int) -> np.ndar
 
 
 @router.post("/{model_id}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY,
+             responses=problems(400, 404, 409, 413, 415),
              summary="Top-k classes per image, with the predicted class's group and that group's calibration")
 async def predict(model_id: str, request: Request, _: ApiKey) -> JSONResponse:
     # the hot path: a cached model needs no database session; the response is built as plain JSON

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response, status
 
 from service.api.auth import ApiKey
 from service.api.deps import PageDep, SessionDep, SettingsDep
+from service.api.errors import problems
 from service.api.runs import service
 from service.api.runs.schemas import MetricsPublic, RunCreate, RunPublic, RunsPublic
 from service.store import runs
@@ -13,11 +14,11 @@ from service.store.errors import ServiceUnavailable
 from service.store.orm import RunStatus
 from service.store.queue import enqueue_training
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"])
+router = APIRouter(prefix="/v1/runs", tags=["runs"], responses=problems(401, 422, 503))
 log = logging.getLogger("h2t.api")
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunPublic,
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunPublic, responses=problems(400, 404, 409, 413),
              summary="Queue a two-stage training run")
 def create_run(body: RunCreate, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                _: ApiKey) -> RunPublic:
@@ -41,18 +42,20 @@ def list_runs(session: SessionDep, _: ApiKey, page: PageDep, status: RunStatus |
     return RunsPublic(data=service.to_public_many(session, rows), count=total)
 
 
-@router.get("/{run_id}", response_model=RunPublic)
+@router.get("/{run_id}", response_model=RunPublic, responses=problems(404))
 def get_run(run_id: str, session: SessionDep, _: ApiKey) -> RunPublic:
     return service.public(session, runs.get(session, run_id))
 
 
-@router.get("/{run_id}/metrics", response_model=MetricsPublic, summary="One row per stage and epoch")
+@router.get("/{run_id}/metrics", response_model=MetricsPublic, responses=problems(404),
+            summary="One row per stage and epoch")
 def get_metrics(run_id: str, session: SessionDep, _: ApiKey) -> MetricsPublic:
     rows = service.metrics(session, run_id)
     return MetricsPublic(data=[service.metric_public(r) for r in rows], count=len(rows))
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED,
+             responses=problems(404, 409),
              summary="Cancel: a queued run at once, a running one at its next epoch end")
 def cancel_run(run_id: str, session: SessionDep, _: ApiKey) -> RunPublic:
     row = runs.cancel(session, run_id)
