@@ -194,15 +194,20 @@ def release(session: Session, run_id: str, token: str) -> bool:
 
 
 def sweep_stale(session: Session, now: datetime, timeout_s: float, max_attempts: int,
-                resend_after_s: float) -> list[str]:
+                resend_after_s: float, store_back_at: datetime | None = None) -> list[str]:
     """The store is the truth of what must run. Runs whose worker stopped sending heartbeats are requeued,
     failed after max_attempts claims, or cancelled when a cancel was pending; runs queued for longer than
     `resend_after_s` since they were last sent are sent again. Returns the ids to send to the broker
-    after commit (each marked as sent now)."""
+    after commit (each marked as sent now).
+
+    `store_back_at`: when the sweeper last found the store reachable again after failing to reach it.
+    Heartbeats the store could not take are not a worker's silence, so silence counts from then at the
+    earliest: for `timeout_s` after an outage no worker is declared lost."""
     stale_before = now - timedelta(seconds=timeout_s)
+    judged = store_back_at is None or store_back_at < stale_before
     stale = session.scalars(select(RunRow).where(
         RunRow.status.in_([RunStatus.running, RunStatus.cancelling]), RunRow.heartbeat_at < stale_before,
-    ).with_for_update(skip_locked=True)).all()
+    ).with_for_update(skip_locked=True)).all() if judged else []
     requeued = []
     for row in stale:
         row.claim_token = None

@@ -4,7 +4,9 @@ and by every worker, periodically."""
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
+import sqlalchemy.exc
 from celery import Celery
 
 from service.store import runs
@@ -16,11 +18,28 @@ from service.store.settings import Settings
 log = logging.getLogger("h2t.sweeper")
 
 
+# Per store URL, what this process's sweeps saw: when the store was found reachable again after a sweep
+# failed to reach it (None while it is unreachable). A worker's heartbeats fail while the store is down,
+# so right after an outage every claim looks stale: it gets a full heartbeat timeout to beat again
+# before it is declared lost (runs.sweep_stale's store_back_at).
+_store_back_at: dict[str, datetime | None] = {}
+
+
 def sweep_once(settings: Settings, celery: Celery) -> list[str]:
     """Requeue (or fail, or finish cancelling) stale runs; send requeued ones to the broker after commit."""
-    with session_scope(settings.database_url) as session:
-        requeued = runs.sweep_stale(session, utcnow(), settings.heartbeat_timeout_s, settings.max_attempts,
-                                    settings.resend_after_s)
+    url, now = settings.database_url, utcnow()
+    back_at = _store_back_at.get(url)
+    if url in _store_back_at and back_at is None:  # the last sweep could not reach the store
+        back_at = now
+    try:
+        with session_scope(url) as session:
+            requeued = runs.sweep_stale(session, now, settings.heartbeat_timeout_s, settings.max_attempts,
+                                        settings.resend_after_s, back_at)
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
+        _store_back_at[url] = None
+        raise
+    if back_at is not None:
+        _store_back_at[url] = back_at
     for run_id in requeued:
         try:
             enqueue_training(celery, settings, run_id)

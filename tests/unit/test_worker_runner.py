@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -17,8 +18,10 @@ from service.store.db import session_scope
 from service.store.errors import ResourceConflict
 from service.store.migrate import upgrade_head
 from service.store.orm import ArtifactRow, DatasetRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.queue import make_celery
 from service.store.runs import ExportedModel, StoredFile
 from service.store.settings import Settings
+from service.store.sweep import sweep_once
 from tests.helpers import tiny_run_config
 from worker import runner
 
@@ -212,3 +215,33 @@ def test_a_database_blip_while_claiming_or_recording_is_retried_not_fatal(settin
     with session_scope(settings.database_url) as session:
         keys = sorted((m.stage, m.epoch) for m in session.query(MetricRow).filter_by(run_id=run_id))
     assert keys == [(1, 1), (1, 2), (2, 1)]
+
+
+def test_after_the_store_was_unreachable_the_sweep_gives_every_worker_a_full_timeout_to_beat_again(
+        settings, monkeypatch):
+    """An outage longer than the heartbeat timeout leaves every claim looking stale when the store is back,
+    though the workers were alive (the store could not take their heartbeats): the sweep declares none
+    lost until the store has been reachable for a whole timeout, then only those still silent."""
+    settings = settings.model_copy(update={"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 0.5})
+    celery = make_celery(settings)
+    alive, dead = _queued_run(settings), _queued_run(settings)
+    before_outage = utcnow() - timedelta(seconds=20)  # the last beats the store took
+    with session_scope(settings.database_url) as session:
+        for run_id in (alive, dead):
+            assert runs.claim(session, run_id, run_id, "w", before_outage, before_outage)
+    failures: list[str] = []
+    monkeypatch.setattr(runs, "sweep_stale", _failing_twice(runs.sweep_stale, failures))
+    for _ in range(2):  # the sweeps during the outage
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            sweep_once(settings, celery)
+    assert sweep_once(settings, celery) == []  # the store is back: both heartbeats are 20 s old, neither is judged
+    with session_scope(settings.database_url) as session:  # one worker beats again
+        assert runs.heartbeat(session, alive, alive, utcnow())
+    time.sleep(0.3)
+    assert sweep_once(settings, celery) == []
+    time.sleep(0.3)  # the store has been reachable for longer than the timeout: silence is silence again
+    with session_scope(settings.database_url) as session:
+        assert runs.heartbeat(session, alive, alive, utcnow())
+    assert sweep_once(settings, celery) == [dead]
+    assert (_run(settings, alive).status, _run(settings, alive).attempts) == (RunStatus.running, 1)
+    assert _run(settings, dead).status == RunStatus.queued
