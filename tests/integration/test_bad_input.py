@@ -4,6 +4,7 @@ keeps serving."""
 from __future__ import annotations
 
 import io
+import struct
 import tarfile
 import warnings
 import zipfile
@@ -15,7 +16,7 @@ from sqlalchemy import func, select
 
 from service.store.db import session_scope
 from service.store.orm import ArtifactRow, DatasetRow, MetricRow, RunRow
-from tests.helpers import create_tiny_dataset, submit_run
+from tests.helpers import TINY_DATASET, create_tiny_dataset, submit_run
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +79,38 @@ def _zip_entries(entries: list[tuple[str, bytes]]) -> bytes:
 
 def zip_with(**extra: bytes) -> bytes:
     return make_zip({**good_files(), **extra})
+
+
+def _tar_entries(entries: list[tuple[str, bytes]], encoding: str = "utf-8") -> bytes:
+    """A tar.gz of these members in this order: names may repeat, and `encoding` may write names that are
+    not UTF-8."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT, encoding=encoding) as archive:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _zip_patched(data: bytes, flags: int = 0, method: int | None = None) -> bytes:
+    """A zip whose every member has its general-purpose flags or-ed with `flags` and, if given, its
+    compression method replaced, in the local and the central header alike: what no zip writer makes."""
+    out = bytearray(data)
+    count, _, central = struct.unpack_from("<HLL", data, len(data) - 12)  # end of central directory, no comment
+    for _ in range(count):
+        name_length, extra_length, comment_length = struct.unpack_from("<3H", data, central + 28)
+        (local,) = struct.unpack_from("<L", data, central + 42)
+        for flags_at, method_at in ((central + 8, central + 10), (local + 6, local + 8)):
+            struct.pack_into("<H", out, flags_at, struct.unpack_from("<H", data, flags_at)[0] | flags)
+            if method is not None:
+                struct.pack_into("<H", out, method_at, method)
+        central += 46 + name_length + extra_length + comment_length
+    return bytes(out)
+
+
+def _nested_json(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
 
 
 class Case:
@@ -236,6 +269,71 @@ CASES = [
         "/v1/runs", content=f'{{"dataset_id": "{ids["dataset"]}", "stage1": {{"mixup_alpha": Infinity}}}}',
         headers={"content-type": "application/json"})),
     Case("non-ASCII API key", 401, lambda c, ids: c.get("/v1/runs", headers={"X-API-Key": "clé".encode()}), "invalid"),
+    # health and metrics
+    Case("POST to /healthz", 405, lambda c, ids: c.post("/healthz"), "Method Not Allowed"),
+    Case("/readyz with a body over the limit", 413,
+         lambda c, ids: c.request("GET", "/readyz", content=b"x" * (65 * 2**10)), "exceeds"),
+    Case("PUT to /metrics", 405, lambda c, ids: c.put("/metrics", content=b"h2t_runs 1"), "Method Not Allowed"),
+    # datasets
+    Case("dataset offset not a number", 422, lambda c, ids: c.get("/v1/datasets?offset=abc")),
+    Case("dataset name over its length", 422,
+         lambda c, ids: c.post("/v1/datasets", json={**TINY_DATASET, "name": "n" * 1000})),
+    Case("delete unknown dataset", 404, lambda c, ids: c.delete("/v1/datasets/nope"), "not found"),
+    Case("NUL in a dataset id to delete", 422, lambda c, ids: c.delete("/v1/datasets/a%00b"), "cannot store"),
+    Case("member name over 255 bytes", 422,
+         lambda c, ids: upload(c, zip_with(**{f"train/cat/{'a' * 300}.png": png()})), "over 255 bytes"),
+    Case("tar member name over 255 bytes in UTF-8", 422, lambda c, ids: upload(  # 130 characters, 260 bytes
+        c, _tar_entries([*good_files().items(), (f"train/cat/{'é' * 130}.png", png())]), "data.tar.gz"),
+        "over 255 bytes"),
+    Case("class folder over 255 bytes in UTF-8", 422, lambda c, ids: upload(
+        c, make_zip({k.replace("cat", "é" * 150): v for k, v in good_files().items()})), "over 255 bytes"),
+    Case("the same tar member twice", 422, lambda c, ids: upload(
+        c, _tar_entries([*good_files().items(), ("train/dog/1.png", png(seed=9))]), "data.tar.gz"), "appears twice"),
+    Case("tar member name not UTF-8", 422, lambda c, ids: upload(
+        c, _tar_entries([*good_files().items(), ("train/c\xff\xfe/0.png", png())], "latin-1"), "data.tar.gz"),
+        "not UTF-8"),
+    Case("zip member name flagged UTF-8 that is not", 422, lambda c, ids: upload(
+        c, zip_with(**{"train/cat/ÿÿÿÿ.png": png()}).replace("ÿÿÿÿ".encode(), b"\xff" * 8)), "corrupt or unsupported"),
+    Case("encrypted zip member", 422, lambda c, ids: upload(c, _zip_patched(make_zip(good_files()), flags=0x1)),
+         "encrypted"),
+    Case("zip member that does not decompress", 422, lambda c, ids: upload(
+        c, _zip_patched(make_zip(good_files()), method=zipfile.ZIP_BZIP2)), "does not decompress"),
+    Case("two archive files", 400, lambda c, ids: c.post("/v1/datasets", files=[
+        ("archive", ("a.zip", make_zip(good_files()))), ("archive", ("b.zip", make_zip(good_files())))]),
+        "Too many files"),
+    Case("multipart without a boundary", 400, lambda c, ids: c.post(
+        "/v1/datasets", content=b"archive", headers={"content-type": "multipart/form-data"}), "boundary"),
+    # runs
+    Case("run body over 64 KiB", 413,
+         lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "pad": "x" * 2**16}), "exceeds"),
+    Case("run body not UTF-8", 400, lambda c, ids: c.post(
+        "/v1/runs", content=b'{"dataset_id": "\xff"}', headers={"content-type": "application/json"})),
+    Case("run body nested 20,000 deep", 400, lambda c, ids: c.post(
+        "/v1/runs", content=_nested_json(20_000), headers={"content-type": "application/json"})),
+    Case("dataset body nested 20,000 deep", 422, lambda c, ids: c.post(
+        "/v1/datasets", content=_nested_json(20_000), headers={"content-type": "application/json"})),
+    Case("page size of 31 digits", 422, lambda c, ids: c.get(f"/v1/runs?limit={10**30}")),
+    Case("NUL in a run id to cancel", 422, lambda c, ids: c.post("/v1/runs/a%00b/cancel"), "cannot store"),
+    Case("NUL in stage1_from", 422, lambda c, ids: c.post(
+        "/v1/runs", json={"dataset_id": ids["dataset"], "stage1_from": "a\u0000b"}), "cannot store"),
+    # models
+    Case("models page size over 500", 422, lambda c, ids: c.get("/v1/models?limit=501")),
+    Case("unknown model", 404, lambda c, ids: c.get("/v1/models/nope"), "not found"),
+    Case("model of a cancelled run", 409, lambda c, ids: c.get(f"/v1/models/{ids['cancelled_run']}"),
+         "no exported model"),
+    Case("ONNX of an unknown model", 404, lambda c, ids: c.get("/v1/models/nope/onnx"), "not found"),
+    Case("NUL in a model id", 422, lambda c, ids: c.get("/v1/models/a%00b/onnx"), "cannot store"),
+    Case("calibration of a cancelled run", 409, lambda c, ids: c.get(f"/v1/models/{ids['cancelled_run']}/calibration"),
+         "no exported model"),
+    Case("predict with a run that has no model", 409, lambda c, ids: c.post(
+        f"/v1/models/{ids['cancelled_run']}/predict", files={"images": ("a.png", png())}), "no exported model"),
+    Case("predict declaring a terabyte body", 413, lambda c, ids: c.post(  # refused before any of it is read
+        "/v1/models/nope/predict", content=b"{}", headers={"content-type": "application/json",
+                                                           "content-length": str(2**40)}), "exceeds"),
+    Case("NUL in a model id to predict", 422,
+         lambda c, ids: c.post("/v1/models/a%00b/predict", json={"images": ["AAAA"]}), "cannot store"),
+    Case("predict with a non-ASCII API key", 401, lambda c, ids: c.post(
+        "/v1/models/nope/predict", json={"images": ["AAAA"]}, headers={"X-API-Key": "ключ".encode()}), "invalid"),
 ]
 
 

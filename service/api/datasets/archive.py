@@ -1,15 +1,17 @@
 """Checked extraction of an uploaded ImageFolder archive (zip or tar.gz), member by member.
 
 Refused: absolute paths, `..`, links and other non-regular members, paths outside
-`train/<class>/<image>` and `test/<class>/<image>` (under at most one top-level folder), non-image
-files, more members or bytes than allowed, images over the pixel cap, and any image Pillow cannot
-fully decode. Nothing is left behind on failure: the caller extracts into a scratch folder.
+`train/<class>/<image>` and `test/<class>/<image>` (under at most one top-level folder), names that are
+not UTF-8 or that no file system stores (a part over 255 bytes), non-image files, more members or bytes
+than allowed, images over the pixel cap, and any image Pillow cannot fully decode. Nothing is left
+behind on failure: the caller extracts into a scratch folder.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import lzma
 import tarfile
 import zipfile
 import zlib
@@ -23,6 +25,7 @@ from models.contract.catalog import IMAGE_SUFFIXES
 from service.store.errors import InvalidInput, PayloadTooLarge
 
 IGNORED_PARTS = ("__MACOSX",)  # metadata folders added by archivers
+NAME_MAX_BYTES = 255  # the longest file or folder name common file systems store
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class _Member:
     read: object  # () -> bytes, reading at most size + 1 bytes
 
 
+def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
+        return archive.open(info).read(info.file_size + 1)
+    except (OSError, lzma.LZMAError) as exc:  # what bz2 and lzma raise on a stream that does not decode
+        raise InvalidInput(f"archive member {info.filename!r} does not decompress: {exc}") from exc
+
+
 def _zip_members(archive: zipfile.ZipFile) -> Iterator[_Member]:
     for info in archive.infolist():
         mode = info.external_attr >> 16
@@ -54,7 +64,9 @@ def _zip_members(archive: zipfile.ZipFile) -> Iterator[_Member]:
             raise InvalidInput(f"archive member {info.filename!r} is a symbolic link")
         if info.is_dir():
             continue
-        yield _Member(info.filename, info.file_size, lambda info=info: archive.open(info).read(info.file_size + 1))
+        if info.flag_bits & 0x1:
+            raise InvalidInput(f"archive member {info.filename!r} is encrypted")
+        yield _Member(info.filename, info.file_size, lambda info=info: _read_zip_member(archive, info))
 
 
 def _tar_members(archive: tarfile.TarFile) -> Iterator[_Member]:
@@ -74,6 +86,12 @@ def _checked_parts(name: str) -> tuple[str, ...] | None:
     parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
     if any(p == ".." for p in parts):
         raise InvalidInput(f"archive member {name!r} points outside the archive ('..')")
+    try:
+        longest = max((len(p.encode()) for p in parts), default=0)
+    except UnicodeEncodeError as exc:  # tar names that are not UTF-8 are read with surrogates in their place
+        raise InvalidInput(f"archive member {name!r} has a name that is not UTF-8") from exc
+    if longest > NAME_MAX_BYTES:
+        raise InvalidInput(f"archive member {name[:60]!r}... has a file or folder name over {NAME_MAX_BYTES} bytes")
     if not parts or any(p in IGNORED_PARTS or p.startswith(".") for p in parts):
         return None
     return parts
@@ -98,7 +116,8 @@ def extract_image_folder(source: Path, dest: Path, limits: ArchiveLimits) -> Fol
         try:
             with zipfile.ZipFile(source) as archive:
                 return _extract(_zip_members(archive), dest, limits)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, zlib.error, EOFError) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, zlib.error, EOFError,
+                UnicodeDecodeError) as exc:  # a name flagged UTF-8 that is not
             raise InvalidInput(f"the zip archive is corrupt or unsupported: {exc}") from exc
     try:
         archive = tarfile.open(source, mode="r:gz")  # noqa: SIM115 (closed by the with below)
