@@ -94,12 +94,16 @@ def _stage_epochs(config: RunConfig, stage: int) -> int:
 
 
 def begin(session: Session, run_id: str) -> ClaimedRun:
-    """Right after a worker's claim, in its transaction: the run's progress points at its first stage
-    (2 when it reuses a stage 1), and the worker gets what it trains."""
+    """Right after a worker's claim, in its transaction: on the run's first claim its progress points at
+    its first stage (2 when it reuses a stage 1); a resumed run keeps the progress its epochs recorded
+    (the training resumes from there, and may have nothing left to train but the export). The worker
+    gets what it trains."""
     run = session.get(RunRow, run_id)
     config = RunConfig.model_validate(run.config)
-    first = 2 if run.stage1_from else 1
-    run.stage, run.epoch, run.total_epochs, run.heartbeat_at = first, 0, _stage_epochs(config, first), utcnow()
+    if run.stage is None:
+        first = 2 if run.stage1_from else 1
+        run.stage, run.epoch, run.total_epochs = first, 0, _stage_epochs(config, first)
+    run.heartbeat_at = utcnow()
     session.flush()
     return ClaimedRun(config, session.get(DatasetRow, run.dataset_id).dataset_spec(), run.stage1_from)
 

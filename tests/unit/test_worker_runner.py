@@ -137,6 +137,35 @@ def test_a_stop_request_checkpoints_requeues_and_the_next_delivery_resumes(setti
     assert sorted(keys) == [(1, 1), (1, 2), (2, 1)]
 
 
+def test_a_run_resumed_after_its_worker_died_keeps_its_progress(settings, monkeypatch):
+    """A worker killed after every epoch was recorded (during the export): the next claim has nothing left
+    to train, so no epoch reports progress again; it must still read stage 2, last epoch, not go back to
+    stage 1 epoch 0 (found by benchmarks/soak_worker_kills.py: succeeded runs showing stage 1, epoch 0)."""
+    import models.core.export
+
+    run_id = _queued_run(settings, **TINY)
+    export = models.core.export.export_and_calibrate
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for SIGKILL: nothing of the task body runs after this point
+
+    monkeypatch.setattr(models.core.export, "export_and_calibrate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train_run(run_id, settings, "w1", threading.Event())
+    run = _run(settings, run_id)
+    assert (run.status, run.stage, run.epoch, run.total_epochs) == (RunStatus.running, 2, 1, 1)
+    monkeypatch.setattr(models.core.export, "export_and_calibrate", export)
+    with session_scope(settings.database_url) as session:  # w1 is silent: its claim goes stale
+        session.get(RunRow, run_id).heartbeat_at = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 1)
+
+    recorded = []
+    monkeypatch.setattr(runs, "record_epoch", lambda *args: recorded.append(args) or RunStatus.running)
+    assert runner.train_run(run_id, settings, "w2", threading.Event()) == runner.Outcome.succeeded
+    assert recorded == []  # the resume trained nothing: both stages were checkpointed
+    run = _run(settings, run_id)
+    assert (run.status, run.stage, run.epoch, run.total_epochs, run.attempts) == (RunStatus.succeeded, 2, 1, 1, 2)
+
+
 def _exported(run_id: str) -> ExportedModel:
     onnx = StoredFile("onnx", f"runs/{run_id}/model.onnx", 1, "0" * 64)
     spec = ModelSpec(16, (0.5,) * 3, (0.5,) * 3, ("a", "b"), ("many", "few"))
