@@ -139,6 +139,10 @@ def _extract(members: Iterator[_Member], dest: Path, limits: ArchiveLimits) -> F
         parts = _checked_parts(member.name)
         if parts is None:
             continue
+        # checked at the member's header: a tar.gz is not read on past an oversized member
+        if member.size > limits.max_member_bytes:
+            raise PayloadTooLarge(
+                f"archive member {member.name!r} unpacks to more than {limits.max_member_bytes} bytes")
         total += member.size
         if total > limits.max_bytes:
             raise PayloadTooLarge(f"the archive unpacks to more than {limits.max_bytes} bytes")
@@ -164,9 +168,6 @@ def _extract(members: Iterator[_Member], dest: Path, limits: ArchiveLimits) -> F
             raise InvalidInput(f"archive member {member.name!r} is not an image ({', '.join(IMAGE_SUFFIXES)})")
         if len(cls) > 200:
             raise InvalidInput(f"class name {cls[:40]!r}... is longer than 200 characters")
-        if member.size > limits.max_member_bytes:
-            raise PayloadTooLarge(
-                f"archive member {member.name!r} unpacks to more than {limits.max_member_bytes} bytes")
         data = member.read()  # at most the declared size + 1 bytes
         if len(data) != member.size:
             raise InvalidInput(f"archive member {member.name!r} is not the size its header declares")
