@@ -62,13 +62,15 @@ def train_command(args: argparse.Namespace) -> int:
     from models.contract.layout import RunFolder
     from models.contract.reporting import epoch_line, group_table
     from models.core.data import load_dataset
+    from models.core.pretrained import WeightSource
     from models.core.train import resolve_device, train_two_stage
     from service.store.settings import Settings
 
     config = load_train_config(Path(args.config), args.set)
     folder = RunFolder(Path(args.out)).create()
     folder.config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    data_root = args.data_root or Settings().data_root
+    settings = Settings()
+    data_root = args.data_root or settings.data_root
     dataset = load_dataset(config.dataset, data_root, download=args.download)
     device = resolve_device(args.device)
     print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
@@ -82,7 +84,10 @@ def train_command(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result = train_two_stage(dataset, config, folder, device, on_epoch,
-                             RunFolder(Path(args.stage1_from)) if args.stage1_from else None)
+                             RunFolder(Path(args.stage1_from)) if args.stage1_from else None,
+                             weights=WeightSource(Path(data_root), settings.allow_weight_download))
+    if result.pretrained is not None:
+        print(result.pretrained.summary(), flush=True)
     counts = dataset.train_counts()
     summary = {
         "dataset": dataset.name, "train_images": len(dataset.train), "test_images": len(dataset.test),

@@ -133,6 +133,7 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
            requeue: Callable[[str], None]) -> Outcome:
     from models.core.data import load_dataset
     from models.core.export import export_and_calibrate
+    from models.core.pretrained import WeightSource
     from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
 
     def on_epoch(m: EpochMetrics) -> None:
@@ -151,7 +152,10 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     try:
         dataset = load_dataset(run.dataset, settings.data_root, artifacts)
         result = train_two_stage(dataset, run.config, folder, resolve_device(), on_epoch,
-                                 artifacts.run(run.stage1_from) if run.stage1_from else None, stop.is_set)
+                                 artifacts.run(run.stage1_from) if run.stage1_from else None, stop.is_set,
+                                 WeightSource(settings.data_root, settings.allow_weight_download))
+        if result.pretrained is not None:
+            log.info(result.pretrained.summary(), extra={"run_id": run_id})
         try:
             served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx)
         except Exception as exc:

@@ -11,8 +11,10 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
+from models.contract.pretrained import PretrainedWeights, check_weights_fit_backbone
+
 BuiltinName = Literal["cifar10", "cifar100", "digits"]
-BackboneName = Literal["resnet32", "resnet18", "resnet34", "resnet50"]
+BackboneName = Literal["resnet32", "resnet18", "resnet34", "resnet50", "resnet152", "resnext50_32x4d"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -175,6 +177,14 @@ class RunConfig(_Frozen):
     augment: AugmentConfig = AugmentConfig()
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
+    pretrained: PretrainedWeights | None = Field(
+        None, description="initial weights of stage 1 (a file under the data root or a torchvision weights name); "
+        "a stage-1 checkpoint to resume from wins over them")
+
+    @model_validator(mode="after")
+    def _weights_fit_the_backbone(self) -> RunConfig:
+        check_weights_fit_backbone(self.pretrained, self.backbone)
+        return self
 
 
 class LocalTrainConfig(RunConfig):

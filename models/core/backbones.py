@@ -106,6 +106,15 @@ class _TorchvisionFeatures(nn.Module):
         return self.layers(self.stem(x))
 
 
+# Where the modules of a torchvision ResNet's state dict live in an ImageClassifier built from it, so
+# torchvision's own weight files load into our split (models.core.pretrained).
+TORCHVISION_KEY_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("conv1.", "backbone.stem.0."), ("bn1.", "backbone.stem.1."),
+    *((f"layer{i + 1}.", f"backbone.layers.{i}.") for i in range(4)),
+    ("fc.", "head.fc."),
+)
+
+
 def _torchvision_resnet(name: str, feature_channels: int) -> Callable[[int], ImageClassifier]:
     def build(num_classes: int) -> ImageClassifier:
         import torchvision
@@ -121,6 +130,8 @@ BACKBONES: dict[str, Callable[[int], ImageClassifier]] = {
     "resnet18": _torchvision_resnet("resnet18", 512),
     "resnet34": _torchvision_resnet("resnet34", 512),
     "resnet50": _torchvision_resnet("resnet50", 2048),
+    "resnet152": _torchvision_resnet("resnet152", 2048),  # the paper's Places-LT backbone
+    "resnext50_32x4d": _torchvision_resnet("resnext50_32x4d", 2048),  # the paper's second ImageNet-LT backbone
 }
 
 

@@ -24,6 +24,7 @@ from models.core.augment import normalize
 from models.core.backbones import ImageClassifier, build_classifier
 from models.core.data import Dataset
 from models.core.device import DeviceData, autocast, to_model_layout
+from models.core.pretrained import PretrainedReport, WeightSource, initialise_from
 from models.core.stages import Stage1Recipe, Stage2Recipe, StageRecipe, StepT
 
 
@@ -207,6 +208,7 @@ class TwoStageResult:
     stage2: list[EpochMetrics]
     report: EvaluationReport  # the last epoch of stage 2 on the evaluation split
     groups: list[str]
+    pretrained: PretrainedReport | None = None  # what this call loaded before a fresh stage 1
 
 
 def finished_stage1(source: RunFolder, backbone: str, num_classes: int) -> Path:
@@ -227,9 +229,13 @@ def finished_stage1(source: RunFolder, backbone: str, num_classes: int) -> Path:
 def train_two_stage(
     dataset: Dataset, config: RunConfig, folder: RunFolder, device: torch.device | None = None,
     on_epoch: EpochCallback | None = None, stage1_from: RunFolder | None = None,
-    stop_requested: Callable[[], bool] | None = None,
+    stop_requested: Callable[[], bool] | None = None, weights: WeightSource | None = None,
 ) -> TwoStageResult:
-    """Stage 1 (or a finished one reused from `stage1_from`), then stage 2; resumable in `folder`."""
+    """Stage 1 (or a finished one reused from `stage1_from`), then stage 2; resumable in `folder`.
+
+    A run with `pretrained` weights loads them (found through `weights`) into the freshly built model
+    only when stage 1 starts from scratch: a stage-1 checkpoint to resume from, or a reused stage 1,
+    wins, so a resumed run ends exactly as an uninterrupted one."""
     device = device or resolve_device()
     dtype = autocast_dtype(config.precision, device)
     if device.type == "cuda":
@@ -242,6 +248,9 @@ def train_two_stage(
         model = model.to(memory_format=torch.channels_last)
     data = DeviceData.from_dataset(dataset, device)
     stage1, stage2 = Stage1Recipe(config.stage1, config.augment), Stage2Recipe(config.stage2, config.augment)
+    pretrained = None
+    if config.pretrained is not None and stage1_from is None and not folder.checkpoint(stage1.stage).exists():
+        pretrained = initialise_from(model, config.pretrained, weights or WeightSource())
 
     if stage1_from is not None:
         state = load_checkpoint(finished_stage1(stage1_from, config.backbone, dataset.num_classes), device)
@@ -260,4 +269,4 @@ def train_two_stage(
     groups = run_groups(dataset, config)
     # the last epoch's evaluation, unless this call resumed a stage 2 that had already finished
     report = stage2_result.last_report or evaluate(model, data, groups, dtype)
-    return TwoStageResult(model, stage1_history, stage2_result.history, report, groups)
+    return TwoStageResult(model, stage1_history, stage2_result.history, report, groups, pretrained)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     artifact_dir: Path = Field(Path(), description="checkpoints, uploaded datasets, ONNX files "
                                "(default: HOME/artifacts)")
     data_root: Path = Field(Path("./data"), description="where the builtin CIFAR python files live")
+    allow_weight_download: bool = Field(
+        False, description="let workers download torchvision weights a run names that are missing from the torch hub "
+        "cache ($TORCH_HOME/hub/checkpoints); off: such a run fails with the path the file is expected at")
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="comma-separated keys accepted in the X-API-Key header; at least one is required")
     queue_name: str = Field("training", description="Celery queue the workers consume")

@@ -22,7 +22,7 @@ log = logging.getLogger("h2t.api")
              summary="Queue a two-stage training run")
 def create_run(body: RunCreate, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                _: ApiKey) -> RunPublic:
-    row = service.create(session, body)
+    row = service.create(session, body, settings.data_root)
     session.commit()  # the worker must find the row: enqueue only after the commit
     try:
         enqueue_training(request.app.state.celery, settings, row.id)

@@ -3,10 +3,13 @@ Status changes belong to the run state machine in service.store.runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.contract.config import RunConfig
+from models.contract.pretrained import PretrainedFile, resolve_in_root
 from service.api.datasets.service import get as get_dataset
 from service.api.runs.schemas import MetricPublic, RunCreate, RunPublic
 from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
@@ -46,9 +49,22 @@ def public(session: Session, row: RunRow) -> RunPublic:
     return to_public_many(session, [row])[0]
 
 
-def create(session: Session, body: RunCreate) -> RunRow:
+def check_pretrained_file(config: RunConfig, data_root: Path) -> None:
+    """A weights file must be a file inside the data root (no link out of it); workers check again."""
+    if not isinstance(config.pretrained, PretrainedFile):
+        return
+    try:
+        path = resolve_in_root(data_root, config.pretrained.file)
+    except ValueError as exc:
+        raise InvalidInput(f"pretrained.file: {exc}") from exc
+    if not path.is_file():
+        raise InvalidInput(f"pretrained.file: no file {config.pretrained.file!r} under the data root")
+
+
+def create(session: Session, body: RunCreate, data_root: Path) -> RunRow:
     dataset = get_dataset(session, body.dataset_id)
     config = RunConfig.model_validate(body.model_dump(exclude={"dataset_id", "stage1_from"}))
+    check_pretrained_file(config, data_root)
     num_classes = len(dataset.class_names)
     if config.groups.slices is not None and config.groups.slices[2][1] != num_classes:
         raise InvalidInput(f"groups.slices must end at the dataset's {num_classes} classes")
