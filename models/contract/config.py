@@ -9,9 +9,19 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
-from models.contract.pretrained import PretrainedWeights, check_weights_fit_backbone
+from models.contract.pretrained import PretrainedWeights, check_relative_path, check_weights_fit_backbone
 
 BuiltinName = Literal["cifar10", "cifar100", "digits"]
 BackboneName = Literal["resnet32", "resnet18", "resnet34", "resnet50", "resnet152", "resnext50_32x4d"]
@@ -35,15 +45,60 @@ class BuiltinDataset(_Frozen):
 
 
 ImageSize = Annotated[int, Field(ge=8, le=512, description="images are resized to this square size")]
+REFERENCE_IMAGE_SIZE = 224  # the default of datasets named by reference: the paper's large-set size
+
+
+# a path relative to the data root that cannot leave it by its spelling; symlinks are checked where the tree
+# is read (`models.contract.pretrained.resolve_in_root`)
+DataPath = Annotated[str, Field(min_length=1, max_length=1000, description="relative to H2T_DATA_ROOT"),
+                     AfterValidator(check_relative_path)]
 
 
 class FolderDataset(_Frozen):
-    """An ImageFolder tree `root/train/<class>/*` and `root/test/<class>/*`, used as it is."""
+    """An ImageFolder tree under the data root: `train/<class>/*`, `test/<class>/*`, optional `val/<class>/*`.
+
+    Class names are the train folder names in sorted order. `h2t train` resolves the path against its
+    `--data-root` (default `$H2T_DATA_ROOT`), as the service does."""
 
     kind: ClassVar[str] = "folder"
 
-    folder: str = Field(min_length=1)
-    image_size: ImageSize = 32
+    folder: DataPath
+    image_size: ImageSize = REFERENCE_IMAGE_SIZE
+
+
+class ListFiles(_Frozen):
+    """ImageNet-LT / Places-LT list files: one `<image path relative to root> <integer label>` per line."""
+
+    root: DataPath = Field(description="the folder the listed image paths are relative to")
+    train: DataPath = Field(description="list file of the training split, relative to root")
+    test: DataPath = Field(description="list file of the held-out split, relative to root")
+    val: DataPath | None = Field(None, description="list file of a validation split, relative to root")
+    class_names: DataPath | None = Field(
+        None, description="file relative to root: line i names label i (default: the labels as text)")
+
+
+class ListFilesDataset(_Frozen):
+    kind: ClassVar[str] = "list_files"
+
+    list_files: ListFiles
+    image_size: ImageSize = REFERENCE_IMAGE_SIZE
+
+
+class CocoFiles(_Frozen):
+    """COCO-style annotations as iNaturalist 2018 ships them: `images[]` (id, file_name relative to root),
+    `annotations[]` (image_id, category_id), `categories[]` (id, name). Labels are the category ids in
+    ascending numeric order, taken from the train file's `categories`."""
+
+    root: DataPath = Field(description="the folder the images' file_name are relative to")
+    train: DataPath = Field(description="annotation JSON of the training split, relative to root")
+    test: DataPath = Field(description="annotation JSON of the held-out split, relative to root")
+
+
+class CocoDataset(_Frozen):
+    kind: ClassVar[str] = "coco"
+
+    coco: CocoFiles
+    image_size: ImageSize = REFERENCE_IMAGE_SIZE
 
 
 class ArchiveDataset(_Frozen):
@@ -63,7 +118,7 @@ class ArchiveDataset(_Frozen):
         return value
 
 
-def _dataset_tag(value: object) -> str | None:
+def dataset_tag(value: object) -> str | None:
     """The variant a dataset spec names by its key (a dict from JSON, or a model already built)."""
     for tag in DATASET_KINDS:
         if (tag in value) if isinstance(value, dict) else hasattr(value, tag):
@@ -71,17 +126,21 @@ def _dataset_tag(value: object) -> str | None:
     return None
 
 
-DATASET_KINDS = (BuiltinDataset.kind, FolderDataset.kind, ArchiveDataset.kind)
+DATASET_KINDS = (BuiltinDataset.kind, FolderDataset.kind, ListFilesDataset.kind, CocoDataset.kind,
+                 ArchiveDataset.kind)
+ReferenceDataset = FolderDataset | ListFilesDataset | CocoDataset  # read from under the data root, scanned first
 
 # The one dataset union: its variant is the key a spec names (`{"builtin": ...}`, `{"folder": ...}`,
-# `{"archive": ...}`), read back from the store by DATASET_SPEC and loaded by `models.core.data.load_dataset`.
+# `{"list_files": ...}`, `{"coco": ...}`, `{"archive": ...}`), read back from the store by DATASET_SPEC and
+# loaded by `models.core.data.load_dataset`.
 DatasetConfig = Annotated[
     Annotated[BuiltinDataset, Tag("builtin")] | Annotated[FolderDataset, Tag("folder")]
+    | Annotated[ListFilesDataset, Tag("list_files")] | Annotated[CocoDataset, Tag("coco")]
     | Annotated[ArchiveDataset, Tag("archive")],
-    Discriminator(_dataset_tag, custom_error_type="dataset_kind",
-                  custom_error_message="a dataset names one of 'builtin', 'folder' or 'archive'"),
+    Discriminator(dataset_tag, custom_error_type="dataset_kind",
+                  custom_error_message="a dataset names one of 'builtin', 'folder', 'list_files', 'coco' or 'archive'"),
 ]
-DatasetSpec = BuiltinDataset | FolderDataset | ArchiveDataset  # what DATASET_SPEC reads a stored spec into
+DatasetSpec = BuiltinDataset | ReferenceDataset | ArchiveDataset  # what DATASET_SPEC reads a stored spec into
 DATASET_SPEC: TypeAdapter[DatasetSpec] = TypeAdapter(DatasetConfig)
 
 

@@ -22,9 +22,18 @@ from models.contract.catalog import (
     long_tailed_indices,
     unpickle,
 )
-from models.contract.config import ArchiveDataset, BuiltinDataset, DatasetConfig, FolderDataset
+from models.contract.config import (
+    ArchiveDataset,
+    BuiltinDataset,
+    CocoDataset,
+    DatasetConfig,
+    FolderDataset,
+    ListFilesDataset,
+    ReferenceDataset,
+)
 from models.contract.layout import ArtifactLayout
 from models.contract.onnx_model import read_rgb
+from models.contract.reference import ScanIndex, scan_reference
 
 # The official H2T code normalises both CIFARs with these statistics.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -179,15 +188,50 @@ def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
     return Dataset(root.name, class_names, train, test, mean, std)
 
 
+def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name: str) -> Dataset:
+    """The train and test splits of a scan index in memory, each image resized to the square `image_size`
+    (as `load_image_folder`). A file that passed the scan's header check but does not decode fails here."""
+    root = Path(data_root).resolve()
+
+    def read(split: str) -> ImageSet:
+        pairs = index.splits[split]
+        images = torch.empty((len(pairs), 3, image_size, image_size), dtype=torch.uint8)
+        for i, (path, _) in enumerate(pairs):
+            try:
+                images[i] = torch.from_numpy(read_rgb(root / path, image_size).copy())
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise ValueError(f"{path} could not be decoded: {exc}") from exc
+        return ImageSet(images, torch.tensor([label for _, label in pairs], dtype=torch.int64))
+
+    train, test = read("train"), read("test")
+    mean, std = channel_stats(train.images)
+    return Dataset(name, index.class_names, train, test, mean, std)
+
+
+def _reference_name(spec: ReferenceDataset) -> str:
+    match spec:
+        case FolderDataset():
+            return Path(spec.folder).name
+        case ListFilesDataset():
+            return Path(spec.list_files.root).name
+        case CocoDataset():
+            return Path(spec.coco.root).name
+    raise TypeError(f"not a dataset by reference: {type(spec).__name__}")
+
+
 def load_dataset(
     spec: DatasetConfig, data_root: str | Path | None = None, artifacts: ArtifactLayout | None = None,
     download: bool = False,
 ) -> Dataset:
-    """Build the dataset a spec names. CIFAR needs `data_root`, an uploaded archive the artifact store
-    it was extracted into; digits ship with scikit-learn."""
+    """Build the dataset a spec names: the one dispatch over the dataset union. CIFAR and datasets by
+    reference need `data_root` (reference paths are relative to it and confined to it), an uploaded
+    archive the artifact store it was extracted into; digits ship with scikit-learn."""
     match spec:
-        case FolderDataset():
-            return load_image_folder(spec.folder, spec.image_size)
+        case FolderDataset() | ListFilesDataset() | CocoDataset():
+            if data_root is None:
+                raise ValueError("a dataset by reference needs the data root its paths are relative to")
+            # scanned again: the tree may have changed since the dataset was registered
+            return load_indexed(scan_reference(spec, data_root), data_root, spec.image_size, _reference_name(spec))
         case ArchiveDataset():
             if artifacts is None:
                 raise ValueError(f"archive dataset {spec.archive!r} needs the artifact store it was extracted into")

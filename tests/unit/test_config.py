@@ -39,7 +39,7 @@ def test_invalid_run_configs_are_rejected(bad):
 def test_dataset_is_a_builtin_or_a_folder():
     config = LocalTrainConfig.model_validate({"dataset": {"builtin": "cifar100", "imbalance_factor": 0.02}})
     assert isinstance(config.dataset, BuiltinDataset) and config.dataset.imbalance_factor == 0.02
-    config = LocalTrainConfig.model_validate({"dataset": {"folder": "/data/birds"}})
+    config = LocalTrainConfig.model_validate({"dataset": {"folder": "birds"}})
     assert isinstance(config.dataset, FolderDataset)
     for bad in ({"builtin": "imagenet"}, {"builtin": "cifar10", "imbalance_factor": 0}, {}):
         with pytest.raises(ValidationError):

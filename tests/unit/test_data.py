@@ -111,7 +111,8 @@ def test_image_folder_reads_train_and_test_trees(tmp_path):
     assert data.class_names == ("cat", "dog")
     assert data.train_counts() == [3, 3] and data.test_counts() == [2, 2]
     assert data.train.images.shape == (6, 3, 16, 16)
-    assert load_dataset(FolderDataset(folder=str(tmp_path), image_size=16)).num_classes == 2
+    # a folder spec is relative to the data root (h2t train's --data-root, the service's H2T_DATA_ROOT)
+    assert load_dataset(FolderDataset(folder=tmp_path.name, image_size=16), tmp_path.parent).num_classes == 2
 
 
 def test_an_uploaded_archive_is_read_from_the_artifact_store(tmp_path):
