@@ -11,7 +11,7 @@ import threading
 from celery import Celery
 from celery.signals import worker_ready
 
-from service.store.queue import TRAIN_TASK, enqueue_training, make_celery
+from service.store.queue import SCAN_TASK, TRAIN_TASK, enqueue_training, make_celery
 from service.store.settings import Settings
 from service.store.sweep import sweep_once
 
@@ -26,12 +26,17 @@ def build_worker_app(settings: Settings, stop: threading.Event) -> Celery:
     """The Celery app with the training task; `stop` asks a running training to stop after its next
     checkpoint (set on SIGTERM)."""
     from worker.runner import train_run
+    from worker.scan import scan_dataset
 
     app = make_celery(settings)
 
     @app.task(name=TRAIN_TASK)
     def train_run_task(run_id: str) -> str:
         return train_run(run_id, settings, worker_name(), stop, lambda rid: enqueue_training(app, settings, rid))
+
+    @app.task(name=SCAN_TASK)
+    def scan_dataset_task(dataset_id: str) -> str:
+        return scan_dataset(dataset_id, settings)
 
     return app
 

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData
 
 Schema = TypeVar("Schema", bound=BaseModel)
@@ -19,22 +19,28 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _invalid(exc: ValidationError) -> RequestValidationError:
-    """The same 422 as FastAPI gives a body it validates itself (one handler formats both)."""
-    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)])
+def _invalid(exc: ValidationError, tagged_union: bool = False) -> RequestValidationError:
+    """The same 422 as FastAPI gives a body it validates itself (one handler formats both). A tagged
+    union puts the variant's tag first in each location; the body names it by its key already, so it is
+    dropped: a field's location is the same whichever schema validated it."""
+    return RequestValidationError([{**e, "loc": ("body", *(e["loc"][1:] if tagged_union else e["loc"]))}
+                                   for e in exc.errors(include_url=False)])
 
 
 LARGE_BODY_BYTES = 64 * 2**10  # larger bodies are parsed off the event loop
 
 
-async def parse_json(request: Request, schema: type[Schema]) -> Schema:
+async def parse_json(request: Request, schema: type[Schema] | TypeAdapter[Any]) -> Any:
+    """The JSON body validated by a model, or by an adapter of a union of models tagged by a key."""
     body = await request.body()
+    tagged_union = isinstance(schema, TypeAdapter)
+    validate = schema.validate_json if tagged_union else schema.model_validate_json
     try:
         if len(body) > LARGE_BODY_BYTES:
-            return await asyncio.to_thread(schema.model_validate_json, body)
-        return schema.model_validate_json(body)
+            return await asyncio.to_thread(validate, body)
+        return validate(body)
     except ValidationError as exc:
-        raise _invalid(exc) from exc
+        raise _invalid(exc, tagged_union) from exc
 
 
 def parse_form_fields(form: FormData, schema: type[Schema], file_fields: tuple[str, ...]) -> Schema:
@@ -46,12 +52,30 @@ def parse_form_fields(form: FormData, schema: type[Schema], file_fields: tuple[s
         raise _invalid(exc) from exc
 
 
-def json_or_multipart_body(json_schema: type[BaseModel], form_schema: type[BaseModel],
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its `$defs` references replaced by the definitions (none is recursive): a schema
+    embedded in an OpenAPI operation cannot refer to its own `#/$defs/...`."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return {**walk(defs[ref.removeprefix("#/$defs/")]),
+                        **{key: walk(value) for key, value in node.items() if key != "$ref"}}
+            return {key: walk(value) for key, value in node.items() if key != "$defs"}
+        return [walk(value) for value in node] if isinstance(node, list) else node
+
+    return walk(schema)
+
+
+def json_or_multipart_body(json_schema: type[BaseModel] | TypeAdapter[Any], form_schema: type[BaseModel],
                            files: dict[str, dict[str, Any]]) -> dict:
     """The OpenAPI request body of an endpoint that takes either JSON or a multipart form with files."""
     form = form_schema.model_json_schema()
+    body = json_schema.json_schema() if isinstance(json_schema, TypeAdapter) else json_schema.model_json_schema()
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": json_schema.model_json_schema()},
+        "application/json": {"schema": _inlined(body)},
         "multipart/form-data": {"schema": {
             "type": "object", "required": [*files, *form.get("required", [])],
             "properties": {**files, **form["properties"]},

@@ -47,6 +47,14 @@ class RunStatus(enum.StrEnum):
 TERMINAL = (RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled)
 
 
+class DatasetStatus(enum.StrEnum):
+    """A dataset by reference is `scanning` until a worker has read its index; the others are `ready` at once."""
+
+    scanning = "scanning"
+    ready = "ready"
+    failed = "failed"
+
+
 class DatasetRow(Base):
     __tablename__ = "datasets"
 
@@ -57,6 +65,12 @@ class DatasetRow(Base):
     train_counts: Mapped[list] = mapped_column(JSON)
     test_counts: Mapped[list] = mapped_column(JSON)
     image_size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[DatasetStatus] = mapped_column(
+        Enum(DatasetStatus, name="dataset_status", native_enum=False, length=16), default=DatasetStatus.ready)
+    error: Mapped[str | None] = mapped_column(Text)  # why the scan failed
+    unreadable: Mapped[list | None] = mapped_column(JSON)  # [{path, reason}] the scan left out
+    # last sent to the broker for scanning; a dataset still scanning long after is sent again
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     def dataset_spec(self) -> DatasetSpec:

@@ -1,4 +1,5 @@
-"""The Celery app and the one task contract between API and workers: `h2t.train_run(run_id)`."""
+"""The Celery app and the task contracts between API and workers: `h2t.train_run(run_id)` and
+`h2t.scan_dataset(dataset_id)`, both on the workers' queue (workers see the data root)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from celery import Celery
 from service.store.settings import Settings
 
 TRAIN_TASK = "h2t.train_run"
+SCAN_TASK = "h2t.scan_dataset"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -29,3 +31,7 @@ def make_celery(settings: Settings) -> Celery:
 
 def enqueue_training(app: Celery, settings: Settings, run_id: str) -> None:
     app.send_task(TRAIN_TASK, args=[run_id], queue=settings.queue_name)
+
+
+def enqueue_scan(app: Celery, settings: Settings, dataset_id: str) -> None:
+    app.send_task(SCAN_TASK, args=[dataset_id], queue=settings.queue_name)

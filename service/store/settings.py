@@ -26,7 +26,8 @@ class Settings(BaseSettings):
                             "home, needs no server")
     artifact_dir: Path = Field(Path(), description="checkpoints, uploaded datasets, ONNX files "
                                "(default: HOME/artifacts)")
-    data_root: Path = Field(Path("./data"), description="where the builtin CIFAR python files live")
+    data_root: Path = Field(Path("./data"), description="where the builtin CIFAR python files and the datasets "
+                           "by reference live")
     allow_weight_download: bool = Field(
         False, description="let workers download torchvision weights a run names that are missing from the torch hub "
         "cache ($TORCH_HOME/hub/checkpoints); off: such a run fails with the path the file is expected at")

@@ -1,5 +1,5 @@
-"""Requeue runs whose worker went silent and resend runs whose message may be lost. Run by the API
-and by every worker, periodically."""
+"""Requeue runs whose worker went silent and resend runs and dataset scans whose message may be lost.
+Run by the API and by every worker, periodically."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from datetime import datetime
 import sqlalchemy.exc
 from celery import Celery
 
-from service.store import runs
+from service.store import datasets, runs
 from service.store.db import session_scope
 from service.store.orm import utcnow
-from service.store.queue import enqueue_training
+from service.store.queue import enqueue_scan, enqueue_training
 from service.store.settings import Settings
 
 log = logging.getLogger("h2t.sweeper")
@@ -35,6 +35,7 @@ def sweep_once(settings: Settings, celery: Celery) -> list[str]:
         with session_scope(url) as session:
             requeued = runs.sweep_stale(session, now, settings.heartbeat_timeout_s, settings.max_attempts,
                                         settings.resend_after_s, back_at)
+            scans = datasets.unsent_scans(session, now, settings.resend_after_s)
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
         _store_back_at[url] = None
         raise
@@ -48,4 +49,11 @@ def sweep_once(settings: Settings, celery: Celery) -> list[str]:
             continue
         log.warning("sent run %s to the broker again (its worker went silent or its message was lost)", run_id,
                     extra={"run_id": run_id})
+    for dataset_id in scans:
+        try:
+            enqueue_scan(celery, settings, dataset_id)
+        except Exception:  # it stays scanning in the store: a later sweep sends it again
+            log.exception("could not send the scan of dataset %s to the broker", dataset_id)
+            continue
+        log.warning("sent the scan of dataset %s to the broker again (its message may be lost)", dataset_id)
     return requeued

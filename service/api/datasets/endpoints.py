@@ -1,26 +1,38 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response, status
+from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
 from service.api.auth import ApiKey
 from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
 from service.api.datasets import service
-from service.api.datasets.schemas import ArchiveDatasetForm, BuiltinDatasetCreate, DatasetPublic, DatasetsPublic
+from service.api.datasets.schemas import (
+    DATASET_CREATE,
+    ArchiveDatasetForm,
+    BuiltinDatasetCreate,
+    DatasetPublic,
+    DatasetsPublic,
+)
 from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.errors import problems
-from service.store.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.store import datasets
+from service.store.errors import InvalidInput, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
 from service.store.orm import NAME_LENGTH
+from service.store.queue import enqueue_scan
+from service.store.settings import Settings
 
+log = logging.getLogger("h2t.api")
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problems(401, 422, 503))
 
 _ARCHIVE_FIELD = "archive"
-_CREATE_BODY = json_or_multipart_body(BuiltinDatasetCreate, ArchiveDatasetForm, {_ARCHIVE_FIELD: {
+_CREATE_BODY = json_or_multipart_body(DATASET_CREATE, ArchiveDatasetForm, {_ARCHIVE_FIELD: {
     "type": "string", "format": "binary",
     "description": "zip or tar.gz with train/<class>/<image> and test/<class>/<image>"}})
 
@@ -35,15 +47,36 @@ async def _spool_upload(upload: UploadFile, dest: Path, max_bytes: int) -> None:
             out.write(chunk)
 
 
+def _start_scan(request: Request, session: Session, settings: Settings, dataset_id: str) -> None:
+    """Sends the scan after the commit (the worker must find the row); a broker that is down leaves no
+    dataset scanning forever."""
+    try:
+        enqueue_scan(request.app.state.celery, settings, dataset_id)
+    except Exception as exc:
+        log.exception("could not send the scan of dataset %s", dataset_id)
+        datasets.scan_failed(session, dataset_id, f"broker unreachable: {exc}")
+        session.commit()
+        raise ServiceUnavailable(f"the task broker is unreachable; dataset {dataset_id} was not scanned") from exc
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic, openapi_extra=_CREATE_BODY,
-             responses=problems(400, 413, 415),
-             summary="Create a dataset from an uploaded ImageFolder archive or a builtin long-tailed dataset")
+             responses={**problems(400, 413, 415), 202: {
+                 "model": DatasetPublic, "description": "a dataset by reference, scanning: see GET /v1/datasets/{id}"}},
+             summary="Create a dataset: builtin (201), by reference under the data root (202, scanned by a "
+                     "worker), or from an uploaded ImageFolder archive (201)")
 async def create_dataset(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                          _: ApiKey) -> DatasetPublic:
     content_type = media_type(request)
     if content_type == "application/json":
-        body = await parse_json(request, BuiltinDatasetCreate)
-        row = service.create_builtin(session, settings, body)
+        body = await parse_json(request, DATASET_CREATE)
+        if isinstance(body, BuiltinDatasetCreate):
+            row = service.create_builtin(session, settings, body)
+        else:
+            # resolving the paths touches the data root's file system: off the event loop
+            row = await asyncio.to_thread(service.create_reference, session, settings, body)
+            session.commit()
+            await asyncio.to_thread(_start_scan, request, session, settings, row.id)
+            response.status_code = status.HTTP_202_ACCEPTED
     elif content_type == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)
         archive = form.get(_ARCHIVE_FIELD)

@@ -1,11 +1,19 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter
 
-from models.contract.config import BuiltinDataset, ImageSize
-from service.store.orm import NAME_LENGTH
+from models.contract.config import (
+    BuiltinDataset,
+    CocoDataset,
+    FolderDataset,
+    ImageSize,
+    ListFilesDataset,
+    dataset_tag,
+)
+from service.store.orm import NAME_LENGTH, DatasetStatus
 
 
 class DatasetOptions(BaseModel):
@@ -16,17 +24,49 @@ class BuiltinDatasetCreate(BuiltinDataset, DatasetOptions):
     """JSON body of POST /v1/datasets for a builtin dataset made long-tailed."""
 
 
+class FolderDatasetCreate(FolderDataset, DatasetOptions):
+    """JSON body of POST /v1/datasets for an ImageFolder tree under the data root."""
+
+
+class ListFilesDatasetCreate(ListFilesDataset, DatasetOptions):
+    """JSON body of POST /v1/datasets for list files (ImageNet-LT, Places-LT) under the data root."""
+
+
+class CocoDatasetCreate(CocoDataset, DatasetOptions):
+    """JSON body of POST /v1/datasets for COCO-style JSON annotations (iNaturalist 2018) under the data root."""
+
+
+ReferenceDatasetCreate = FolderDatasetCreate | ListFilesDatasetCreate | CocoDatasetCreate
+# the JSON body of POST /v1/datasets: the dataset union's variants a client names (not `archive`: that is
+# the multipart body), each with its options
+DATASET_CREATE: TypeAdapter[BuiltinDatasetCreate | ReferenceDatasetCreate] = TypeAdapter(Annotated[
+    Annotated[BuiltinDatasetCreate, Tag("builtin")] | Annotated[FolderDatasetCreate, Tag("folder")]
+    | Annotated[ListFilesDatasetCreate, Tag("list_files")] | Annotated[CocoDatasetCreate, Tag("coco")],
+    Discriminator(dataset_tag, custom_error_type="dataset_kind",
+                  custom_error_message="a JSON dataset names one of 'builtin', 'folder', 'list_files' or 'coco'"),
+])
+
+
 class ArchiveDatasetForm(DatasetOptions):
     """The fields beside the `archive` file of a multipart POST /v1/datasets."""
 
     image_size: ImageSize = 32
 
 
+class UnreadableFilePublic(BaseModel):
+    path: str = Field(description="relative to the data root")
+    reason: str
+
+
 class DatasetPublic(BaseModel):
     id: str
     name: str
-    kind: str = Field(description="builtin or archive: the key its spec names")
+    kind: str = Field(description="builtin, folder, list_files, coco or archive: the key its spec names")
     spec: dict
+    status: DatasetStatus = Field(description="scanning (a dataset by reference being read), ready or failed")
+    error: str | None = Field(None, description="why the scan failed")
+    unreadable: list[UnreadableFilePublic] = Field(
+        default_factory=list, description="files the scan left out (not images, or a header Pillow cannot read)")
     num_classes: int
     class_names: list[str]
     train_counts: list[int]

@@ -10,12 +10,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.contract.catalog import describe_builtin
-from models.contract.config import ArchiveDataset, BuiltinDataset
+from models.contract.config import DATASET_SPEC, ArchiveDataset, BuiltinDataset
 from models.contract.metrics import class_groups
+from models.contract.reference import DatasetUnavailable, confine, spec_paths
 from service.api.datasets.archive import ArchiveLimits, extract_image_folder
-from service.api.datasets.schemas import ArchiveDatasetForm, BuiltinDatasetCreate, DatasetPublic
+from service.api.datasets.schemas import (
+    ArchiveDatasetForm,
+    BuiltinDatasetCreate,
+    DatasetPublic,
+    ReferenceDatasetCreate,
+)
 from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
-from service.store.orm import DatasetRow, RunRow
+from service.store.orm import NAME_LENGTH, DatasetRow, DatasetStatus, RunRow, utcnow
 from service.store.settings import Settings
 
 
@@ -25,6 +31,7 @@ def to_public(row: DatasetRow) -> DatasetPublic:
         num_classes=len(row.class_names),
         class_names=row.class_names, train_counts=row.train_counts, test_counts=row.test_counts,
         groups=class_groups(row.train_counts), image_size=row.image_size, created_at=row.created_at,
+        status=row.status, error=row.error, unreadable=row.unreadable or [],
     )
 
 
@@ -38,6 +45,22 @@ def create_builtin(session: Session, settings: Settings, body: BuiltinDatasetCre
     row = DatasetRow(name=name, spec=spec.model_dump(mode="json"),
                      class_names=list(summary.class_names), train_counts=list(summary.train_counts),
                      test_counts=list(summary.test_counts), image_size=summary.image_size)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def create_reference(session: Session, settings: Settings, body: ReferenceDatasetCreate) -> DatasetRow:
+    """A dataset under the data root, `scanning` until a worker has read its index. Its paths are confined
+    here (symlinks followed) before anything is written, and again by the scan."""
+    spec = DATASET_SPEC.validate_python(body.model_dump(exclude={"name"}))
+    try:
+        confine(spec, settings.data_root)
+    except DatasetUnavailable as exc:
+        raise InvalidInput(str(exc)) from exc
+    row = DatasetRow(name=body.name or f"{spec.kind}:{spec_paths(spec)[0]}"[:NAME_LENGTH],
+                     spec=spec.model_dump(mode="json"), class_names=[], train_counts=[], test_counts=[],
+                     image_size=spec.image_size, status=DatasetStatus.scanning, enqueued_at=utcnow())
     session.add(row)
     session.flush()
     return row

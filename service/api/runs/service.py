@@ -13,7 +13,7 @@ from models.contract.pretrained import PretrainedFile, resolve_in_root
 from service.api.datasets.service import get as get_dataset
 from service.api.runs.schemas import MetricPublic, RunCreate, RunPublic
 from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
-from service.store.orm import MetricRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.orm import DatasetStatus, MetricRow, ModelRow, RunRow, RunStatus, utcnow
 from service.store.runs import get
 
 
@@ -63,6 +63,9 @@ def check_pretrained_file(config: RunConfig, data_root: Path) -> None:
 
 def create(session: Session, body: RunCreate, data_root: Path) -> RunRow:
     dataset = get_dataset(session, body.dataset_id)
+    if dataset.status != DatasetStatus.ready:
+        raise ResourceConflict(f"dataset {dataset.id} is {dataset.status}, not ready"
+                               + (f": {dataset.error}" if dataset.error else ""))
     config = RunConfig.model_validate(body.model_dump(exclude={"dataset_id", "stage1_from"}))
     check_pretrained_file(config, data_root)
     num_classes = len(dataset.class_names)
