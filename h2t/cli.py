@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage1-from", help="reuse the finished stage 1 of this earlier --out directory")
     train.add_argument("--set", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
                        help="override a config field, e.g. --set stage2.rho=0.5 (repeatable)")
-    train.add_argument("--data-root", help="folder holding the CIFAR python files "
-                       "(default: $H2T_DATA_ROOT, as the service reads it)")
+    train.add_argument("--data-root", help="folder holding the CIFAR python files and the datasets by "
+                       "reference, whose paths are relative to it (default: $H2T_DATA_ROOT, as the service reads it)")
     train.add_argument("--download", action="store_true", help="download CIFAR into the data root if missing")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     train.set_defaults(func=train_command)

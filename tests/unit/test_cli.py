@@ -61,3 +61,14 @@ def test_metrics_log_replaces_a_replayed_epoch_instead_of_duplicating_it(tmp_pat
     reopened.write({"stage": 1, "epoch": 2, "loss": 1.4})
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["loss"]) for r in lines] == [(1, 2.0), (2, 1.4)]
+
+
+def test_train_reads_a_dataset_by_reference_relative_to_the_data_root(tmp_path, reference_root):
+    root, tree = reference_root
+    body = {"dataset": tree.list_files_spec, **tiny_run_config(stage1={"epochs": 1}, stage2={"epochs": 1})}
+    out = tmp_path / "out"
+    code = main(["train", "--config", str(_config(tmp_path, body)), "--out", str(out), "--data-root", str(root),
+                 "--device", "cpu"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_images"] == sum(tree.train_counts)  # the corrupt file is left out
