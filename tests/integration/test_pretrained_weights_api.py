@@ -1,5 +1,6 @@
 """A run naming a weights file outside the data root (absolute, `..`, a symbolic link out of it) or a
-file that is not there is a 4xx problem+json at POST /v1/runs, and nothing is written."""
+file that is not there is a 4xx problem+json at POST /v1/runs, and nothing is written; a real worker
+starts stage 1 from the file, and checks it again when it reads it."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ from models.core.backbones import build_classifier
 from service.api.app import create_app
 from service.store.db import session_scope
 from service.store.orm import RunRow
-from tests.helpers import create_tiny_dataset, tiny_run_config
-from tests.integration.conftest import API_KEY
+from tests.helpers import create_tiny_dataset, tiny_run_config, wait_for_run
+from tests.integration.conftest import API_KEY, spawn_worker
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def weights_client(settings, tmp_path):
-    root, outside = tmp_path / "data-root", tmp_path / "outside"
+def weights_settings(settings, tmp_path):
+    return settings.model_copy(update={"data_root": tmp_path / "data-root"})
+
+
+@pytest.fixture
+def weights_client(weights_settings, tmp_path):
+    root, outside = weights_settings.data_root, tmp_path / "outside"
     (root / "weights").mkdir(parents=True)
     outside.mkdir()
     state = build_classifier("resnet32", 10).state_dict()
@@ -28,8 +34,7 @@ def weights_client(settings, tmp_path):
     torch.save(state, outside / "r32.pt")
     (root / "weights" / "link.pt").symlink_to(outside / "r32.pt")
     (root / "out").symlink_to(outside)
-    with TestClient(create_app(settings.model_copy(update={"data_root": root})),
-                    headers={"X-API-Key": API_KEY}) as client:
+    with TestClient(create_app(weights_settings), headers={"X-API-Key": API_KEY}) as client:
         yield client
 
 
@@ -63,3 +68,21 @@ def test_torchvision_weights_of_another_backbone_are_refused(weights_client):
     dataset_id = create_tiny_dataset(weights_client)
     response = _post(weights_client, dataset_id, {"torchvision": "ResNet50_Weights.IMAGENET1K_V2"})
     assert response.status_code == 422 and "resnet32" in response.text
+
+
+def test_a_worker_starts_stage_1_from_the_file_and_checks_the_path_again(weights_client, weights_settings, tmp_path):
+    dataset_id = create_tiny_dataset(weights_client)
+    good = _post(weights_client, dataset_id, {"file": "weights/r32.pt", "head": "auto"}).json()
+    # accepted, then replaced by a link out of the root before a worker reads it
+    torch.save(build_classifier("resnet32", 10).state_dict(), weights_settings.data_root / "weights" / "later.pt")
+    swapped = _post(weights_client, dataset_id, {"file": "weights/later.pt"}).json()
+    (weights_settings.data_root / "weights" / "later.pt").unlink()
+    (weights_settings.data_root / "weights" / "later.pt").symlink_to(tmp_path / "outside" / "r32.pt")
+    worker = spawn_worker(weights_settings, tmp_path / "worker.log")
+    try:
+        assert wait_for_run(weights_client, good["id"])["status"] == "succeeded"
+        failed = wait_for_run(weights_client, swapped["id"])
+    finally:
+        worker.stop()
+    assert failed["status"] == "failed" and "leaves the data root" in failed["error"]
+    assert "stage 1 starts from pretrained weights weights/r32.pt: " in worker.log()
