@@ -42,6 +42,8 @@ def check_relative_path(value: str) -> str:
         raise ValueError("must stay inside the data root ('..' is refused)")
     if not [p for p in parts if p != "."]:
         raise ValueError("must name a file under the data root")
+    if any(len(p.encode()) > 255 for p in parts):
+        raise ValueError("has a file or folder name longer than 255 bytes")
     return value
 
 
@@ -50,7 +52,10 @@ def resolve_in_root(root: Path, relative: str) -> Path:
     outside the root (absolute, `..`, or a link that leaves it)."""
     check_relative_path(relative)
     real_root = Path(root).resolve()
-    path = (real_root / relative).resolve()
+    try:
+        path = (real_root / relative).resolve()
+    except (RuntimeError, OSError) as exc:  # a loop of symbolic links (RuntimeError before Python 3.13)
+        raise ValueError(f"{relative!r} cannot be resolved: {exc}") from exc
     if not path.is_relative_to(real_root):
         raise ValueError(f"{relative!r} leaves the data root (a symbolic link points outside it)")
     return path

@@ -34,6 +34,7 @@ def weights_client(weights_settings, tmp_path):
     torch.save(state, outside / "r32.pt")
     (root / "weights" / "link.pt").symlink_to(outside / "r32.pt")
     (root / "out").symlink_to(outside)
+    (root / "weights" / "loop.pt").symlink_to(root / "weights" / "loop.pt")
     with TestClient(create_app(weights_settings), headers={"X-API-Key": API_KEY}) as client:
         yield client
 
@@ -43,7 +44,8 @@ def _post(client, dataset_id: str, weights: dict):
 
 
 @pytest.mark.parametrize("file", ["/etc/passwd.pt", "../outside/r32.pt", "weights/../../outside/r32.pt",
-                                  "weights/link.pt", "out/r32.pt", "weights/none.pt", "weights/r32.txt"])
+                                  "weights/link.pt", "out/r32.pt", "weights/none.pt", "weights/r32.txt",
+                                  "weights/loop.pt", "w" * 300 + ".pt"])
 def test_a_weights_file_outside_the_data_root_or_missing_is_refused_and_nothing_is_written(
         weights_client, settings, file):
     dataset_id = create_tiny_dataset(weights_client)

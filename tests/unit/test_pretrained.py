@@ -160,7 +160,7 @@ def test_a_missing_weights_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["/etc/passwd.pt", "../outside.pt", "weights/../../outside.pt", "C:/w.pt",
-                                  "weights\\w.pt", "weights/w.txt"])
+                                  "weights\\w.pt", "weights/w.txt", "a" * 256 + ".pt"])
 def test_weights_paths_that_leave_the_data_root_are_refused_by_the_config(path):
     with pytest.raises(ValidationError, match="pretrained"):
         RunConfig.model_validate({"pretrained": {"file": path}})

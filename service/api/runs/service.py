@@ -55,9 +55,10 @@ def check_pretrained_file(config: RunConfig, data_root: Path) -> None:
         return
     try:
         path = resolve_in_root(data_root, config.pretrained.file)
-    except ValueError as exc:
+        found = path.is_file()
+    except (ValueError, OSError) as exc:  # OSError: a name this file system cannot hold, a loop of links
         raise InvalidInput(f"pretrained.file: {exc}") from exc
-    if not path.is_file():
+    if not found:
         raise InvalidInput(f"pretrained.file: no file {config.pretrained.file!r} under the data root")
 
 
