@@ -155,14 +155,21 @@ def _scan_list_files(root: Path, spec: ListFilesDataset) -> ScanIndex:
     unreadable: list[UnreadableFile] = []
     splits = {}
     for split, pairs in lists.items():
-        entries = []
-        for name, label in pairs:
-            if name.startswith("/") or ".." in Path(name).parts:
-                unreadable.append(UnreadableFile(f"{files.root}/{name}", "listed path leaves the dataset root"))
-            else:
-                entries.append((base / name, label))
-        splits[split] = _checked(root, entries, unreadable)
+        splits[split] = _checked(root, _listed_entries(files.root, base, pairs, unreadable), unreadable)
     return ScanIndex(class_names, splits, unreadable)
+
+
+def _listed_entries(shown_root: str, base: Path, pairs: list[tuple[str, int]],
+                    unreadable: list[UnreadableFile]) -> list[tuple[Path, int]]:
+    """The (file, label) pairs a list or annotation file names under `base`; a name that is absolute or
+    climbs out with `..` is reported unreadable instead."""
+    entries = []
+    for name, label in pairs:
+        if name.startswith("/") or ".." in Path(name).parts:
+            unreadable.append(UnreadableFile(f"{shown_root}/{name}", "listed path leaves the dataset root"))
+        else:
+            entries.append((base / name, label))
+    return entries
 
 
 def _coco_pairs(path: Path, shown: str, label_of: dict[int, int]) -> list[tuple[str, int]]:
@@ -202,13 +209,8 @@ def _scan_coco(root: Path, spec: CocoDataset) -> ScanIndex:
     unreadable: list[UnreadableFile] = []
     splits = {}
     for split, path in paths.items():
-        entries = []
-        for name, label in _coco_pairs(path, f"{files.root}/{getattr(files, split)}", label_of):
-            if name.startswith("/") or ".." in Path(name).parts:
-                unreadable.append(UnreadableFile(f"{files.root}/{name}", "listed path leaves the dataset root"))
-            else:
-                entries.append((base / name, label))
-        splits[split] = _checked(root, entries, unreadable)
+        pairs = _coco_pairs(path, f"{files.root}/{getattr(files, split)}", label_of)
+        splits[split] = _checked(root, _listed_entries(files.root, base, pairs, unreadable), unreadable)
     return ScanIndex(class_names, splits, unreadable)
 
 
