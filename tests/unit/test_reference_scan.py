@@ -95,6 +95,36 @@ def test_a_listed_file_linking_out_of_the_root_is_left_out_as_unreadable(referen
     assert [(u.path, u.reason) for u in index.unreadable] == [("set/imgs/out.jpg", "resolves outside the data root")]
 
 
+@pytest.mark.parametrize("form", ["list_files", "coco"])
+def test_listed_names_that_are_absolute_or_climb_out_are_left_out_as_unreadable(reference_root, tmp_path, form):
+    root, tree = reference_root
+    data = tmp_path / "data"
+    (data / "set" / "imgs").mkdir(parents=True)
+    source = root / tree.folder / "train" / "c0" / "000.jpg"
+    for i in range(2):
+        (data / "set" / "imgs" / f"{i}.jpg").write_bytes(source.read_bytes())
+    train = [("imgs/0.jpg", 0), ("imgs/1.jpg", 1), ("../escape.jpg", 1), ("/etc/passwd.jpg", 0)]
+    test = [("imgs/0.jpg", 0), ("imgs/1.jpg", 1)]
+    if form == "list_files":
+        (data / "set" / "train.txt").write_text("".join(f"{n} {label}\n" for n, label in train))
+        (data / "set" / "test.txt").write_text("".join(f"{n} {label}\n" for n, label in test))
+        spec = {"list_files": {"root": "set", "train": "train.txt", "test": "test.txt"}}
+    else:
+        for split, pairs in (("train", train), ("test", test)):
+            document = {"images": [{"id": i, "file_name": n} for i, (n, _) in enumerate(pairs)],
+                        "annotations": [{"id": i, "image_id": i, "category_id": label}
+                                        for i, (_, label) in enumerate(pairs)],
+                        "categories": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}
+            (data / "set" / f"{split}.json").write_text(json.dumps(document))
+        spec = {"coco": {"root": "set", "train": "train.json", "test": "test.json"}}
+    index = scan_reference(DATASET_SPEC.validate_python(spec), data)
+    assert index.splits["train"] == [("set/imgs/0.jpg", 0), ("set/imgs/1.jpg", 1)]
+    assert [(u.path, u.reason) for u in index.unreadable] == [
+        ("set/../escape.jpg", "listed path leaves the dataset root"),
+        ("set//etc/passwd.jpg", "listed path leaves the dataset root"),
+    ]
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"folder": "missing"}, "needs missing/train"),
     ({"list_files": {"root": "lt", "train": "lists/none.txt", "test": "lists/test.txt"}}, "not found"),
