@@ -79,13 +79,19 @@ def test_symlinks_out_of_the_root_are_refused(reference_root, spec):
         scan_reference(parsed, root)
 
 
-def test_a_listed_file_linking_out_of_the_root_is_left_out_as_unreadable(reference_root, tmp_path):
+def _small_set(reference_root, tmp_path: Path) -> tuple[Path, Path]:
+    """A second data root holding `set/imgs/0.jpg` and `1.jpg` (copies of a real image), and that image."""
     root, tree = reference_root
     data = tmp_path / "data"
     (data / "set" / "imgs").mkdir(parents=True)
     source = root / tree.folder / "train" / "c0" / "000.jpg"
     for i in range(2):
         (data / "set" / "imgs" / f"{i}.jpg").write_bytes(source.read_bytes())
+    return data, source
+
+
+def test_a_listed_file_linking_out_of_the_root_is_left_out_as_unreadable(reference_root, tmp_path):
+    data, source = _small_set(reference_root, tmp_path)
     (data / "set" / "imgs" / "out.jpg").symlink_to(source)  # a file of the other root: outside this one
     (data / "set" / "train.txt").write_text("imgs/0.jpg 0\nimgs/1.jpg 1\nimgs/out.jpg 1\n")
     (data / "set" / "test.txt").write_text("imgs/0.jpg 0\nimgs/1.jpg 1\n")
@@ -97,12 +103,7 @@ def test_a_listed_file_linking_out_of_the_root_is_left_out_as_unreadable(referen
 
 @pytest.mark.parametrize("form", ["list_files", "coco"])
 def test_listed_names_that_are_absolute_or_climb_out_are_left_out_as_unreadable(reference_root, tmp_path, form):
-    root, tree = reference_root
-    data = tmp_path / "data"
-    (data / "set" / "imgs").mkdir(parents=True)
-    source = root / tree.folder / "train" / "c0" / "000.jpg"
-    for i in range(2):
-        (data / "set" / "imgs" / f"{i}.jpg").write_bytes(source.read_bytes())
+    data, source = _small_set(reference_root, tmp_path)
     train = [("imgs/0.jpg", 0), ("imgs/1.jpg", 1), ("../escape.jpg", 1), ("/etc/passwd.jpg", 0)]
     test = [("imgs/0.jpg", 0), ("imgs/1.jpg", 1)]
     if form == "list_files":
