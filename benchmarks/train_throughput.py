@@ -29,11 +29,12 @@ from PIL import Image
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.contract.config import AugmentConfig, BuiltinDataset, Stage1Config  # noqa: E402
+from models.contract.config import BuiltinDataset, RunConfig, Stage1Config  # noqa: E402
 from models.core.augment import mix, mixup_lambda  # noqa: E402
 from models.core.backbones import build_classifier  # noqa: E402
 from models.core.data import CIFAR_MEAN, CIFAR_STD, Dataset, ImageSet, load_dataset  # noqa: E402
-from models.core.device import DeviceData, autocast, to_model_layout  # noqa: E402
+from models.core.device import autocast, to_model_layout  # noqa: E402
+from models.core.source import source_for  # noqa: E402
 from models.core.stages import Stage1Recipe  # noqa: E402
 from models.core.train import autocast_dtype, train_epoch  # noqa: E402
 
@@ -93,10 +94,10 @@ def time_reference(subset: ImageSet, batch: int, workers: int, dtype, device, nu
 
 def time_ours(subset: Dataset, batch: int, dtype, device, num_classes: int) -> float:
     model, optimizer = make_model(num_classes, device)
-    data = DeviceData.from_dataset(subset, device)
-    recipe = Stage1Recipe(Stage1Config(batch_size=batch), AugmentConfig())
+    source = source_for(subset, RunConfig(), device)
+    recipe = Stage1Recipe(Stage1Config(batch_size=batch))
     started = time.perf_counter()
-    _, seen = train_epoch(model, data, recipe, optimizer, torch.Generator().manual_seed(0), dtype)
+    _, seen = train_epoch(model, source, recipe, optimizer, torch.Generator().manual_seed(0), dtype)
     return seen / (time.perf_counter() - started)
 
 

@@ -71,10 +71,12 @@ def train_command(args: argparse.Namespace) -> int:
     folder.config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     settings = Settings()
     data_root = args.data_root or settings.data_root
-    dataset = load_dataset(config.dataset, data_root, download=args.download)
+    dataset = load_dataset(config.dataset, data_root, download=args.download, augment=config.augment,
+                           loader=config.loader)
     device = resolve_device(args.device)
     print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
-          f"{dataset.num_classes} classes, device {device}", flush=True)
+          f"{dataset.num_classes} classes, {'streamed from files' if dataset.streams else 'in memory'}, "
+          f"device {device}", flush=True)
 
     log = MetricsLog(folder.metrics_log)
 

@@ -134,6 +134,7 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     from models.core.data import load_dataset
     from models.core.export import export_and_calibrate
     from models.core.pretrained import WeightSource
+    from models.core.source import loader_workers
     from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
 
     def on_epoch(m: EpochMetrics) -> None:
@@ -150,14 +151,16 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     folder = artifacts.run(run_id)
     exported, files = None, []
     try:
-        dataset = load_dataset(run.dataset, settings.data_root, artifacts)
+        config = run.config
+        dataset = load_dataset(run.dataset, settings.data_root, artifacts, augment=config.augment, loader=config.loader)
         result = train_two_stage(dataset, run.config, folder, resolve_device(), on_epoch,
                                  artifacts.run(run.stage1_from) if run.stage1_from else None, stop.is_set,
                                  WeightSource(settings.data_root, settings.allow_weight_download))
         if result.pretrained is not None:
             log.info(result.pretrained.summary(), extra={"run_id": run_id})
         try:
-            served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx)
+            served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx,
+                                          loader_workers(config.loader))
         except Exception as exc:
             raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
         exported = ExportedModel(_stored(artifacts, ONNX_KIND, served.export.path), served.spec,

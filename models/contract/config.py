@@ -219,11 +219,53 @@ class Stage2Config(_Frozen):
         return self.rho if self.method == "h2t" else 0.0
 
 
+CropKind = Literal["pad", "resized"]
+PAD_CROP_MAX_SIZE = 64  # "auto" crops CIFAR-scale images (up to this size) the CIFAR way, larger ones ImageNet's
+
+
 class AugmentConfig(_Frozen):
     """Training-time augmentation of both stages (the paper's CIFAR recipe by default)."""
 
-    random_crop: bool = Field(True, description="random crop after zero padding by image_size / 8 (4 for 32 px)")
+    crop: Literal["auto", "pad", "resized"] = Field(
+        "auto", description="pad: random crop after zero padding by image_size / 8 (CIFAR); resized: "
+        "RandomResizedCrop (area 8-100 %, aspect 3/4-4/3) to image_size, and evaluation and serving resize the "
+        f"short side to image_size / 0.875 then centre-crop (ImageNet); auto: pad up to {PAD_CROP_MAX_SIZE} px, "
+        "resized above")
+    random_crop: bool = Field(True, description="draw random crops; off: the centred crop of the chosen kind")
     horizontal_flip: bool = Field(True, description="turn off where mirroring changes the class, e.g. digits")
+
+    def crop_kind(self, image_size: int) -> CropKind:
+        if self.crop != "auto":
+            return self.crop
+        return "pad" if image_size <= PAD_CROP_MAX_SIZE else "resized"
+
+
+class LoaderConfig(_Frozen):
+    """Where training images come from: held decoded in memory (on the training device), or streamed from
+    their files and decoded per batch. Both give the same batches for the same draws."""
+
+    mode: Literal["auto", "memory", "streaming"] = Field(
+        "auto", description="auto: in memory when the decoded train and test splits fit memory_limit_mb, else "
+        "streaming; streaming needs a dataset by reference (files under the data root)")
+    memory_limit_mb: int = Field(2048, ge=0, le=1_000_000,
+                                 description="largest decoded dataset (N x 3 x S x S bytes) auto holds in memory")
+    workers: int | None = Field(None, ge=0, le=64, description="decoding processes of the streaming path; "
+                                "default: the CPU count, at most 16; 0 decodes in the training process")
+    decode_on_device: bool = Field(True, description="on a CUDA device, decode JPEGs on the GPU (nvJPEG); "
+                                   "worker processes then only read the files")
+
+    def streams(self, images: int, image_size: int, by_reference: bool) -> bool:
+        """Whether a dataset of `images` at `image_size` goes through the streaming path."""
+        if not by_reference:
+            if self.mode == "streaming":
+                raise ValueError("the streaming path reads image files: only a dataset by reference "
+                                 "('folder', 'list_files' or 'coco') can stream")
+            return False
+        if self.mode == "memory":
+            return False
+        if self.mode == "streaming":
+            return True
+        return images * 3 * image_size * image_size > self.memory_limit_mb * 2**20
 
 
 class RunConfig(_Frozen):
@@ -234,6 +276,7 @@ class RunConfig(_Frozen):
     precision: Precision = Field("auto", description="auto: bf16 autocast where the hardware has it, else fp32")
     groups: GroupConfig = GroupConfig()
     augment: AugmentConfig = AugmentConfig()
+    loader: LoaderConfig = LoaderConfig()
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
     pretrained: PretrainedWeights | None = Field(
@@ -250,3 +293,8 @@ class LocalTrainConfig(RunConfig):
     """The YAML file of `h2t train`: a run plus the dataset it runs on."""
 
     dataset: DatasetConfig
+
+    @model_validator(mode="after")
+    def _streaming_needs_files(self) -> LocalTrainConfig:
+        self.loader.streams(0, 1, isinstance(self.dataset, ReferenceDataset))
+        return self

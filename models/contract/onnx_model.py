@@ -12,6 +12,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -19,6 +20,13 @@ from models.contract.metrics import EvaluationReport, evaluate_predictions
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+
+
+# How an image becomes the model's square input at evaluation and in serving:
+# "squash" resizes the whole image to S x S (CIFAR-scale training, pad crops);
+# "center_crop" resizes the short side to S / 0.875 (256 for 224), aspect kept, and takes the centred S x S.
+Fit = Literal["squash", "center_crop"]
+CENTER_CROP_RATIO = 0.875
 
 
 @dataclass(frozen=True)
@@ -30,12 +38,13 @@ class ModelSpec:
     std: tuple[float, float, float]
     class_names: tuple[str, ...]
     groups: tuple[str, ...]
+    fit: Fit = "squash"
 
     def input_description(self) -> dict:
         """The preprocessing contract a client follows; also served as the model's `input`."""
         return {"name": INPUT_NAME, "layout": "NCHW", "channels": "RGB", "dtype": "float32",
                 "range": [0.0, 1.0], "height": self.image_size, "width": self.image_size,
-                "resize": "bilinear", "normalisation": "inside the graph",
+                "resize": "bilinear", "fit": self.fit, "normalisation": "inside the graph",
                 "mean": list(self.mean), "std": list(self.std)}
 
     def to_metadata(self) -> dict[str, str]:
@@ -50,7 +59,8 @@ class ModelSpec:
     def from_metadata(cls, metadata: dict[str, str]) -> ModelSpec:
         spec = json.loads(metadata["h2t.input"])
         return cls(spec["height"], tuple(spec["mean"]), tuple(spec["std"]),
-                   tuple(json.loads(metadata["h2t.class_names"])), tuple(json.loads(metadata["h2t.groups"])))
+                   tuple(json.loads(metadata["h2t.class_names"])), tuple(json.loads(metadata["h2t.groups"])),
+                   spec.get("fit", "squash"))  # models exported before `fit` existed squash
 
 
 def sha256_file(path: str | Path) -> str:
@@ -93,9 +103,25 @@ def uint8_to_input(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(255.0)
 
 
-def read_rgb(source: bytes | Path, image_size: int, max_pixels: int | None = None) -> np.ndarray:
-    """An image file (bytes or a path) -> uint8 3 x S x S RGB, resized to the square with bilinear
-    filtering: how training reads ImageFolder images and how serving decodes requests, so the two agree.
+def center_crop_short_side(image_size: int) -> int:
+    return round(image_size / CENTER_CROP_RATIO)
+
+
+def fit_box(width: int, height: int, image_size: int, fit: Fit) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(size to resize the whole image to, box of the resized image to keep) for a `fit` of a width x height
+    image: the one definition of evaluation geometry, used by training, export checks and serving."""
+    if fit == "squash":
+        return (image_size, image_size), (0, 0, image_size, image_size)
+    short = center_crop_short_side(image_size)
+    scale = short / min(width, height)
+    size = (max(short, round(width * scale)), max(short, round(height * scale)))
+    left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+    return size, (left, top, left + image_size, top + image_size)
+
+
+def read_rgb(source: bytes | Path, image_size: int, max_pixels: int | None = None, fit: Fit = "squash") -> np.ndarray:
+    """An image file (bytes or a path) -> uint8 3 x S x S RGB by `fit` with bilinear filtering: how training
+    reads images for evaluation and how serving decodes requests, so the two agree.
 
     Raises ValueError for anything Pillow cannot fully decode or larger than max_pixels.
     """
@@ -106,7 +132,10 @@ def read_rgb(source: bytes | Path, image_size: int, max_pixels: int | None = Non
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ValueError(f"{width}x{height} is over the {max_pixels}-pixel limit")
-            rgb = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            size, box = fit_box(width, height, image_size, fit)
+            rgb = image.convert("RGB").resize(size, Image.BILINEAR)
+            if fit != "squash":
+                rgb = rgb.crop(box)
             return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
     except ValueError:
         raise
@@ -114,9 +143,9 @@ def read_rgb(source: bytes | Path, image_size: int, max_pixels: int | None = Non
         raise ValueError(f"not a readable image ({exc})") from exc
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, image_size: int, max_pixels: int, fit: Fit = "squash") -> np.ndarray:
     """Encoded image bytes -> the model's float32 3 x S x S input in [0, 1] (see `read_rgb`)."""
-    return uint8_to_input(read_rgb(data, image_size, max_pixels))
+    return uint8_to_input(read_rgb(data, image_size, max_pixels, fit))
 
 
 def evaluate_onnx(session, images_uint8: np.ndarray, labels: np.ndarray, groups: list[str]) -> EvaluationReport:

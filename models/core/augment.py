@@ -1,11 +1,18 @@
-"""Batch augmentation as tensor ops, so training never does per-image PIL work."""
+"""Training augmentation: its per-image random draws, and their application to images.
+
+Two kinds, chosen by `AugmentConfig.crop_kind`: CIFAR's pad-crop-flip (`CropFlip`, applied to a whole
+batch as tensor ops) and ImageNet's RandomResizedCrop + flip (`ResizedCropFlip`, whose draws are
+uniforms that become a crop box once an image's size is known, so they are drawn before any image is
+read and stay a pure function of the epoch's generator)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torchvision
 
 
 @dataclass(frozen=True)
@@ -62,3 +69,103 @@ def mixup_lambda(alpha: float, generator: torch.Generator) -> float:
 def mix(inputs: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
     """Input mixup of a batch with its permutation `perm`."""
     return lam * inputs + (1.0 - lam) * inputs[perm]
+
+
+RESIZED_CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+RESIZED_CROP_AREA = (0.08, 1.0)
+RESIZED_CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+
+
+@dataclass(frozen=True)
+class ResizedCropFlip:
+    """Per-image draws of RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip(0.5),
+    as uniforms: `crop_box` turns them into torchvision's box for an image of any size."""
+
+    area: torch.Tensor  # N x attempts, fraction of the image's area
+    log_ratio: torch.Tensor  # N x attempts, log of width / height
+    top: torch.Tensor  # N, where the crop sits in the rows left free, 0..1
+    left: torch.Tensor  # N, the same for columns
+    flip: torch.Tensor  # N, bool
+
+    @classmethod
+    def draw(cls, n: int, generator: torch.Generator, crop: bool = True, flip: bool = True) -> ResizedCropFlip:
+        """Without `crop`, every draw asks for the whole image (torchvision's fallback box)."""
+        lo, hi = RESIZED_CROP_AREA
+        area = lo + (hi - lo) * torch.rand(n, RESIZED_CROP_ATTEMPTS, generator=generator, dtype=torch.float64)
+        lo, hi = RESIZED_CROP_LOG_RATIO
+        log_ratio = lo + (hi - lo) * torch.rand(n, RESIZED_CROP_ATTEMPTS, generator=generator, dtype=torch.float64)
+        top = torch.rand(n, generator=generator, dtype=torch.float64)
+        left = torch.rand(n, generator=generator, dtype=torch.float64)
+        flips = torch.rand(n, generator=generator) < 0.5
+        if not crop:
+            area, log_ratio = torch.full_like(area, 2.0), torch.zeros_like(log_ratio)  # never fits: the fallback
+        return cls(area, log_ratio, top, left, flips if flip else torch.zeros_like(flips))
+
+    def to(self, device: torch.device) -> ResizedCropFlip:
+        return self  # boxes are computed on the CPU, per image, once its size is known
+
+    def split(self, sizes: list[int]) -> list[ResizedCropFlip]:
+        parts = zip(self.area.split(sizes), self.log_ratio.split(sizes), self.top.split(sizes),
+                    self.left.split(sizes), self.flip.split(sizes), strict=True)
+        return [ResizedCropFlip(*p) for p in parts]
+
+    def crop_box(self, i: int, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of draw `i` in a width x height image: the first attempt whose box fits,
+        else the whole image clamped to the ratio range and centred, exactly as torchvision decides."""
+        total = width * height
+        for area, log_ratio in zip(self.area[i].tolist(), self.log_ratio[i].tolist(), strict=True):
+            ratio = math.exp(log_ratio)
+            w = int(round(math.sqrt(total * area * ratio)))
+            h = int(round(math.sqrt(total * area / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = min(int(float(self.top[i]) * (height - h + 1)), height - h)
+                left = min(int(float(self.left[i]) * (width - w + 1)), width - w)
+                return left, top, w, h
+        ratio = width / height
+        lo, hi = (math.exp(r) for r in RESIZED_CROP_LOG_RATIO)
+        if ratio < lo:
+            w, h = width, int(round(width / lo))
+        elif ratio > hi:
+            w, h = int(round(height * hi)), height
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resized_crops(images: list[torch.Tensor] | torch.Tensor, draws: ResizedCropFlip, size: int) -> torch.Tensor:
+    """Apply resized-crop-flip draws to uint8 3 x H x W images (a batch, or a list of any sizes) on their
+    device: bilinear sampling averaged over each output pixel's footprint (antialiased), to uint8 N x 3 x S x S."""
+    out = []
+    for i, image in enumerate(images):
+        _, height, width = image.shape
+        left, top, w, h = draws.crop_box(i, width, height)
+        box = torch.tensor([[0.0, left, top, left + w, top + h]], dtype=torch.float32, device=image.device)
+        crop = torchvision.ops.roi_align(image[None].float(), box, (size, size), spatial_scale=1.0,
+                                         sampling_ratio=-1, aligned=True)[0]
+        out.append(crop.flip(-1) if bool(draws.flip[i]) else crop)
+    return torch.stack(out).round_().clamp_(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation of a run on its data: which kind, at what size, with which parts on."""
+
+    kind: str  # "pad" | "resized"
+    image_size: int
+    crop: bool = True
+    flip: bool = True
+
+    @property
+    def padding(self) -> int:
+        return max(1, self.image_size // 8)  # 4 for 32x32 images, as RandomCrop(32, padding=4)
+
+    def draw(self, n: int, generator: torch.Generator) -> CropFlip | ResizedCropFlip:
+        if self.kind == "pad":
+            return CropFlip.draw(n, self.padding, generator, self.crop, self.flip)
+        return ResizedCropFlip.draw(n, generator, self.crop, self.flip)
+
+    def apply(self, images: torch.Tensor, draws: CropFlip | ResizedCropFlip) -> torch.Tensor:
+        """uint8 N x 3 x S x S images (held in memory) -> their augmented uint8 batch."""
+        if isinstance(draws, CropFlip):
+            return crop_flip(images, self.padding, draws)
+        return resized_crops(images, draws, self.image_size)

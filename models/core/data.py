@@ -1,4 +1,6 @@
-"""Datasets held whole in memory as uint8 tensors: CIFAR-LT, ImageFolder trees, embedded digits."""
+"""Datasets: held whole in memory as uint8 tensors (CIFAR-LT, ImageFolder trees, embedded digits, small
+datasets by reference), or as the list of their files under the data root, read per batch by the
+streaming path (`models.core.source`)."""
 
 from __future__ import annotations
 
@@ -24,15 +26,17 @@ from models.contract.catalog import (
 )
 from models.contract.config import (
     ArchiveDataset,
+    AugmentConfig,
     BuiltinDataset,
     CocoDataset,
     DatasetConfig,
     FolderDataset,
     ListFilesDataset,
+    LoaderConfig,
     ReferenceDataset,
 )
 from models.contract.layout import ArtifactLayout
-from models.contract.onnx_model import read_rgb
+from models.contract.onnx_model import Fit, read_rgb
 from models.contract.reference import ScanIndex, scan_reference
 
 # The official H2T code normalises both CIFARs with these statistics.
@@ -54,15 +58,45 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+
+@dataclass(frozen=True)
+class FileSet:
+    """A split as its image files: paths relative to `root`, packed into one bytes array so that worker
+    processes forked from the trainer share it instead of copying a Python object per image."""
+
+    root: Path
+    paths: np.ndarray  # N, dtype bytes (UTF-8)
+    labels: torch.Tensor  # N, int64
+    image_size: int
+
+    @classmethod
+    def from_pairs(cls, root: Path, pairs: list[tuple[str, int]], image_size: int) -> FileSet:
+        paths = np.array([p.encode() for p, _ in pairs], dtype=bytes) if pairs else np.zeros(0, dtype="S1")
+        return cls(root, paths, torch.tensor([label for _, label in pairs], dtype=torch.int64), image_size)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.paths[i].decode()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+Split = ImageSet | FileSet
+
 
 @dataclass(frozen=True)
 class Dataset:
     name: str
     class_names: tuple[str, ...]
-    train: ImageSet
-    test: ImageSet
+    train: Split
+    test: Split
     mean: tuple[float, float, float]  # per-channel normalisation, 0..1 pixel scale
     std: tuple[float, float, float]
+    eval_fit: Fit = "squash"  # how test images (and served requests) become S x S, see `read_rgb`
 
     @property
     def num_classes(self) -> int:
@@ -70,7 +104,11 @@ class Dataset:
 
     @property
     def image_size(self) -> int:
-        return self.train.images.shape[-1]
+        return self.train.image_size
+
+    @property
+    def streams(self) -> bool:
+        return isinstance(self.train, FileSet)
 
     def train_counts(self) -> list[int]:
         return torch.bincount(self.train.labels, minlength=self.num_classes).tolist()
@@ -188,24 +226,33 @@ def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
     return Dataset(root.name, class_names, train, test, mean, std)
 
 
-def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name: str) -> Dataset:
-    """The train and test splits of a scan index in memory, each image resized to the square `image_size`
-    (as `load_image_folder`). A file that passed the scan's header check but does not decode fails here."""
+def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name: str, eval_fit: Fit = "squash",
+                 streaming: bool = False, stats_sample: int = 2000) -> Dataset:
+    """The train and test splits of a scan index: in memory, each training image resized to the square
+    `image_size` (as `load_image_folder`) and each test image by `eval_fit`; or, `streaming`, as their file
+    lists, with the normalisation statistics measured on an evenly spaced sample of training images.
+    A file that passed the scan's header check but does not decode fails here (or in the batch it is in)."""
     root = Path(data_root).resolve()
 
-    def read(split: str) -> ImageSet:
-        pairs = index.splits[split]
+    def read(pairs: list[tuple[str, int]], fit: Fit) -> ImageSet:
         images = torch.empty((len(pairs), 3, image_size, image_size), dtype=torch.uint8)
         for i, (path, _) in enumerate(pairs):
             try:
-                images[i] = torch.from_numpy(read_rgb(root / path, image_size).copy())
+                images[i] = torch.from_numpy(read_rgb(root / path, image_size, fit=fit).copy())
             except (OSError, ValueError, SyntaxError) as exc:
                 raise ValueError(f"{path} could not be decoded: {exc}") from exc
         return ImageSet(images, torch.tensor([label for _, label in pairs], dtype=torch.int64))
 
-    train, test = read("train"), read("test")
+    train_pairs, test_pairs = index.splits["train"], index.splits["test"]
+    if streaming:
+        step = max(1, len(train_pairs) // stats_sample)
+        mean, std = channel_stats(read(train_pairs[::step][:stats_sample], "squash").images)
+        train = FileSet.from_pairs(root, train_pairs, image_size)
+        test = FileSet.from_pairs(root, test_pairs, image_size)
+        return Dataset(name, index.class_names, train, test, mean, std, eval_fit)
+    train = read(train_pairs, "squash")
     mean, std = channel_stats(train.images)
-    return Dataset(name, index.class_names, train, test, mean, std)
+    return Dataset(name, index.class_names, train, read(test_pairs, eval_fit), mean, std, eval_fit)
 
 
 def _reference_name(spec: ReferenceDataset) -> str:
@@ -221,17 +268,27 @@ def _reference_name(spec: ReferenceDataset) -> str:
 
 def load_dataset(
     spec: DatasetConfig, data_root: str | Path | None = None, artifacts: ArtifactLayout | None = None,
-    download: bool = False,
+    download: bool = False, augment: AugmentConfig | None = None, loader: LoaderConfig | None = None,
 ) -> Dataset:
     """Build the dataset a spec names: the one dispatch over the dataset union. CIFAR and datasets by
     reference need `data_root` (reference paths are relative to it and confined to it), an uploaded
-    archive the artifact store it was extracted into; digits ship with scikit-learn."""
+    archive the artifact store it was extracted into; digits ship with scikit-learn.
+
+    A dataset by reference is held in memory or streamed as `loader` decides from its size, and its test
+    images are fitted as `augment`'s crop kind evaluates (squashed for pad crops, centre-cropped for
+    resized crops)."""
+    augment, loader = augment or AugmentConfig(), loader or LoaderConfig()
+    loader.streams(0, 1, isinstance(spec, ReferenceDataset))  # refuses streaming what has no files
     match spec:
         case FolderDataset() | ListFilesDataset() | CocoDataset():
             if data_root is None:
                 raise ValueError("a dataset by reference needs the data root its paths are relative to")
             # scanned again: the tree may have changed since the dataset was registered
-            return load_indexed(scan_reference(spec, data_root), data_root, spec.image_size, _reference_name(spec))
+            index = scan_reference(spec, data_root)
+            images = len(index.splits["train"]) + len(index.splits["test"])
+            fit: Fit = "squash" if augment.crop_kind(spec.image_size) == "pad" else "center_crop"
+            return load_indexed(index, data_root, spec.image_size, _reference_name(spec), fit,
+                                loader.streams(images, spec.image_size, by_reference=True))
         case ArchiveDataset():
             if artifacts is None:
                 raise ValueError(f"archive dataset {spec.archive!r} needs the artifact store it was extracted into")

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import torch
 
-from models.contract.metrics import EvaluationReport
+from models.contract.metrics import EvaluationReport, evaluate_predictions
 from models.contract.onnx_model import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -22,6 +22,8 @@ from models.contract.onnx_model import (
     uint8_to_input,
 )
 from models.core.backbones import ImageClassifier
+from models.core.data import Dataset
+from models.core.source import test_batches
 
 OPSET = 17
 
@@ -76,6 +78,7 @@ def export_onnx(model: ImageClassifier, spec: ModelSpec, path: Path, parity_imag
 
 
 PARITY_IMAGES = 256
+CALIBRATION_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,17 @@ class ServedModel:
     calibration: EvaluationReport  # of the ONNX model itself on the test split
 
 
-def export_and_calibrate(model: ImageClassifier, dataset, groups: list[str], path: Path) -> ServedModel:
+def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[str], path: Path,
+                         workers: int = 0) -> ServedModel:
     """Export, check parity on real test images, and measure the served artifact itself (through
-    onnxruntime) on the whole test split: accuracy, ECE and reliability bins, overall and per group."""
-    from models.contract.onnx_model import evaluate_onnx
-
+    onnxruntime) on the whole test split, read batch by batch: accuracy, ECE and reliability bins,
+    overall and per group."""
     spec = ModelSpec(dataset.image_size, tuple(dataset.mean), tuple(dataset.std), tuple(dataset.class_names),
-                     tuple(groups))
-    test_images = dataset.test.images.numpy()
-    result = export_onnx(model, spec, path, test_images[:PARITY_IMAGES])
-    report = evaluate_onnx(load_session(path), test_images, dataset.test.labels.numpy(), groups)
+                     tuple(groups), dataset.eval_fit)
+    parity = next(test_batches(dataset.test, dataset.eval_fit, PARITY_IMAGES), None)
+    result = export_onnx(model, spec, path, parity.numpy() if parity is not None else np.zeros((0, 3, 1, 1), np.uint8))
+    session = load_session(path)
+    probs = [run_probabilities(session, uint8_to_input(images.numpy()))
+             for images in test_batches(dataset.test, dataset.eval_fit, CALIBRATION_BATCH, workers)]
+    report = evaluate_predictions(np.concatenate(probs), dataset.test.labels.numpy(), groups)
     return ServedModel(result, spec, report)

@@ -3,8 +3,9 @@ parts, its learning rate per epoch, its random draws per epoch and its step loss
 
 `models.core.train.run_stage` runs any recipe through one loop, so a new stage-1 loss, augmentation
 or stage-2 variant is a change to its recipe here. Every draw of an epoch is made up front from the
-epoch's generator and moved to the device at once, so the step loop never waits on a host-to-device
-copy. The ORDER of the draws fixes what a seed trains: reordering them changes every result.
+epoch's generator; a step names the images it needs as requests (indices and augmentation draws), which
+the run's batch source (`models.core.source`) turns into batches, from memory or from files alike. The
+ORDER of the draws fixes what a seed trains: reordering them changes every result.
 """
 
 from __future__ import annotations
@@ -17,17 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.contract.config import AugmentConfig, Stage1Config, Stage2Config
-from models.core.augment import CropFlip, mix, mixup_lambda
+from models.contract.config import Stage1Config, Stage2Config
+from models.core.augment import Augmentation, CropFlip, ResizedCropFlip, mix, mixup_lambda
 from models.core.backbones import ImageClassifier
-from models.core.device import DeviceData, autocast, to_model_layout
+from models.core.device import autocast
 from models.core.h2t import class_balanced_indices, fuse_channels, fusion_channels
+from models.core.source import Batch, ImageRequest
+
+Draws = CropFlip | ResizedCropFlip
 
 
 class Step(Protocol):
     @property
     def size(self) -> int:
         """Images in the step, the weight of its loss in the epoch's mean."""
+        ...
+
+    @property
+    def requests(self) -> list[ImageRequest]:
+        """The images the step trains on, one batch each, in the order `step_loss` receives them."""
         ...
 
 
@@ -48,15 +57,11 @@ class StageRecipe(Protocol[StepT]):
 
     def lr_at(self, epoch: int) -> float: ...
 
-    def draw_epoch(self, labels: torch.Tensor, padding: int, feature_channels: int, generator: torch.Generator,
-                   device: torch.device) -> list[StepT]: ...
+    def draw_epoch(self, labels: torch.Tensor, augmentation: Augmentation, feature_channels: int,
+                   generator: torch.Generator, device: torch.device) -> list[StepT]: ...
 
-    def step_loss(self, model: ImageClassifier, data: DeviceData, step: StepT,
+    def step_loss(self, model: ImageClassifier, step: StepT, batches: list[Batch],
                   dtype: torch.dtype | None) -> torch.Tensor: ...
-
-
-def draw_crops(n: int, augment: AugmentConfig, padding: int, generator: torch.Generator) -> CropFlip:
-    return CropFlip.draw(n, padding, generator, augment.random_crop, augment.horizontal_flip)
 
 
 @dataclass(frozen=True)
@@ -65,18 +70,17 @@ class Shuffle:
 
     order: torch.Tensor  # a permutation of the training set, on the CPU
     sizes: list[int]  # batch sizes; the last batch may be smaller (no drop_last)
-    crops: CropFlip
+    crops: Draws
 
     @classmethod
-    def draw(cls, n: int, batch_size: int, augment: AugmentConfig, padding: int,
-             generator: torch.Generator) -> Shuffle:
+    def draw(cls, n: int, batch_size: int, augmentation: Augmentation, generator: torch.Generator) -> Shuffle:
         order = torch.randperm(n, generator=generator)
         sizes = [len(b) for b in order.split(batch_size)]
-        return cls(order, sizes, draw_crops(n, augment, padding, generator))
+        return cls(order, sizes, augmentation.draw(n, generator))
 
-    def batches(self, device: torch.device) -> list[tuple[torch.Tensor, CropFlip]]:
-        """Per batch, its indices and crop/flip draws on `device` (one copy each for the epoch)."""
-        return list(zip(self.order.to(device).split(self.sizes), self.crops.to(device).split(self.sizes), strict=True))
+    def batches(self) -> list[ImageRequest]:
+        """Per batch, its indices and augmentation draws."""
+        return list(zip(self.order.split(self.sizes), self.crops.split(self.sizes), strict=True))
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,16 @@ class Mixup:
 @dataclass(frozen=True)
 class Stage1Step:
     indices: torch.Tensor  # into the training set
-    crops: CropFlip
+    crops: Draws
     mixup: Mixup | None  # None without mixup
 
     @property
     def size(self) -> int:
         return len(self.indices)
+
+    @property
+    def requests(self) -> list[ImageRequest]:
+        return [(self.indices, self.crops)]
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,6 @@ class Stage1Recipe:
     """Backbone and classifier trained end to end with cross-entropy, with input mixup when alpha > 0."""
 
     config: Stage1Config
-    augment: AugmentConfig
     stage: ClassVar[int] = 1
 
     def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]:
@@ -122,22 +129,22 @@ class Stage1Recipe:
             return 0.5 * c.lr * (1.0 + math.cos(math.pi * (e - 1 - c.warmup_epochs) / span))
         return c.lr * c.gamma ** sum(e > m for m in c.milestones)
 
-    def draw_epoch(self, labels: torch.Tensor, padding: int, feature_channels: int, generator: torch.Generator,
-                   device: torch.device) -> list[Stage1Step]:
-        shuffle = Shuffle.draw(labels.shape[0], self.config.batch_size, self.augment, padding, generator)
+    def draw_epoch(self, labels: torch.Tensor, augmentation: Augmentation, feature_channels: int,
+                   generator: torch.Generator, device: torch.device) -> list[Stage1Step]:
+        shuffle = Shuffle.draw(labels.shape[0], self.config.batch_size, augmentation, generator)
         mixups: list[Mixup | None] = [None] * len(shuffle.sizes)
         if self.config.mixup_alpha > 0:
             # every lambda first, then every permutation
             lams = [mixup_lambda(self.config.mixup_alpha, generator) for _ in shuffle.sizes]
             perms = [torch.randperm(size, generator=generator).to(device) for size in shuffle.sizes]
             mixups = [Mixup(lam, perm) for lam, perm in zip(lams, perms, strict=True)]
-        return [Stage1Step(idx, crops, m) for (idx, crops), m in zip(shuffle.batches(device), mixups, strict=True)]
+        return [Stage1Step(idx, crops, m) for (idx, crops), m in zip(shuffle.batches(), mixups, strict=True)]
 
-    def step_loss(self, model: ImageClassifier, data: DeviceData, step: Stage1Step,
+    def step_loss(self, model: ImageClassifier, step: Stage1Step, batches: list[Batch],
                   dtype: torch.dtype | None) -> torch.Tensor:
-        x = to_model_layout(data.augmented(step.indices, step.crops), data.device)
-        y = data.train_labels[step.indices]
-        with autocast(data.device, dtype):
+        (batch,) = batches
+        x, y = batch.images, batch.labels
+        with autocast(x.device, dtype):
             if step.mixup is None:
                 return F.cross_entropy(model(x).float(), y)
             lam, perm = step.mixup.lam, step.mixup.perm
@@ -150,19 +157,24 @@ class Fusion:
     """H2T's fusing branch x2 of a step: instance-sampled images whose `channels` replace x1's."""
 
     indices: torch.Tensor
-    crops: CropFlip
+    crops: Draws
     channels: torch.Tensor  # one channel subset for the whole batch, as in the official code
 
 
 @dataclass(frozen=True)
 class Stage2Step:
     indices: torch.Tensor  # class-balanced: the fused branch x1, which gives the labels
-    crops: CropFlip
+    crops: Draws
     fusion: Fusion | None  # None for cRT/DR (no fusion)
 
     @property
     def size(self) -> int:
         return len(self.indices)
+
+    @property
+    def requests(self) -> list[ImageRequest]:
+        x1 = (self.indices, self.crops)
+        return [x1] if self.fusion is None else [x1, (self.fusion.indices, self.fusion.crops)]
 
 
 @dataclass(frozen=True)
@@ -171,7 +183,6 @@ class Stage2Recipe:
     fusing channels of instance-sampled feature maps into them (H2T) when the fusion ratio is > 0."""
 
     config: Stage2Config
-    augment: AugmentConfig
     stage: ClassVar[int] = 2
 
     def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]:
@@ -187,30 +198,28 @@ class Stage2Recipe:
         """Per-epoch cosine decay from the peak at epoch 0."""
         return 0.5 * self.config.lr * (1.0 + math.cos(math.pi * epoch / self.config.epochs))
 
-    def draw_epoch(self, labels: torch.Tensor, padding: int, feature_channels: int, generator: torch.Generator,
-                   device: torch.device) -> list[Stage2Step]:
+    def draw_epoch(self, labels: torch.Tensor, augmentation: Augmentation, feature_channels: int,
+                   generator: torch.Generator, device: torch.device) -> list[Stage2Step]:
         n = labels.shape[0]
         # the instance shuffle is drawn even without fusion, so rho 0 and rho > 0 see the same x1
-        shuffle = Shuffle.draw(n, self.config.batch_size, self.augment, padding, generator)
-        balanced = class_balanced_indices(labels.cpu(), n, generator).to(device).split(shuffle.sizes)
-        balanced_crops = draw_crops(n, self.augment, padding, generator).to(device).split(shuffle.sizes)
+        shuffle = Shuffle.draw(n, self.config.batch_size, augmentation, generator)
+        balanced = class_balanced_indices(labels.cpu(), n, generator).split(shuffle.sizes)
+        balanced_crops = augmentation.draw(n, generator).split(shuffle.sizes)
         fusions: list[Fusion | None] = [None] * len(shuffle.sizes)
         rho = self.config.fusion_ratio
         if rho > 0:
             channels = [fusion_channels(feature_channels, rho, generator).to(device) for _ in shuffle.sizes]
-            instances = shuffle.batches(device)
+            instances = shuffle.batches()
             fusions = [Fusion(idx, crops, ch) for (idx, crops), ch in zip(instances, channels, strict=True)]
         return [Stage2Step(idx, crops, f) for idx, crops, f in zip(balanced, balanced_crops, fusions, strict=True)]
 
-    def step_loss(self, model: ImageClassifier, data: DeviceData, step: Stage2Step,
+    def step_loss(self, model: ImageClassifier, step: Stage2Step, batches: list[Batch],
                   dtype: torch.dtype | None) -> torch.Tensor:
-        device = data.device
-        x1 = to_model_layout(data.augmented(step.indices, step.crops), device)
-        y = data.train_labels[step.indices]
+        x1, y = batches[0].images, batches[0].labels
+        device = x1.device
         with torch.no_grad(), autocast(device, dtype):  # the backbone is frozen: keep no graph of it
             maps = model.forward_features(x1)
             if step.fusion is not None:
-                x2 = to_model_layout(data.augmented(step.fusion.indices, step.fusion.crops), device)
-                maps = fuse_channels(maps, model.forward_features(x2), step.fusion.channels)
+                maps = fuse_channels(maps, model.forward_features(batches[1].images), step.fusion.channels)
         with autocast(device, dtype):
             return F.cross_entropy(model.forward_head(maps).float(), y)

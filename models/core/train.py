@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,9 @@ from models.contract.metrics import EpochMetrics, EvaluationReport, class_groups
 from models.core.augment import normalize
 from models.core.backbones import ImageClassifier, build_classifier
 from models.core.data import Dataset
-from models.core.device import DeviceData, autocast, to_model_layout
+from models.core.device import autocast, to_model_layout
 from models.core.pretrained import PretrainedReport, WeightSource, initialise_from
+from models.core.source import BatchSource, source_for
 from models.core.stages import Stage1Recipe, Stage2Recipe, StageRecipe, StepT
 
 
@@ -77,16 +78,17 @@ def epoch_generator(seed: int, stage: int, epoch: int) -> torch.Generator:
 
 @torch.no_grad()
 def predict_probs(
-    model: ImageClassifier, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-    dtype: torch.dtype | None = None, batch_size: int = 1000,
+    model: ImageClassifier, batches: Iterable[torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...],
+    dtype: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities (float32 numpy) of uint8 images, in eval mode."""
+    """Softmax probabilities (float32 numpy) of uint8 image batches, in eval mode."""
     device = next(model.parameters()).device
+    mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = normalize(images[start:start + batch_size].to(device), mean, std)
+    for images in batches:
+        x = normalize(images.to(device), mean_t, std_t)
         with autocast(device, dtype):
             logits = model(to_model_layout(x, device))
         out.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -94,23 +96,27 @@ def predict_probs(
     return torch.cat(out).numpy()
 
 
+EVAL_BATCH = 500
+
+
 def evaluate(
-    model: ImageClassifier, data: DeviceData, groups: list[str], dtype: torch.dtype | None
+    model: ImageClassifier, dataset: Dataset, source: BatchSource, groups: list[str], dtype: torch.dtype | None
 ) -> EvaluationReport:
-    probs = predict_probs(model, data.test_images, data.mean, data.std, dtype)
-    return evaluate_predictions(probs, data.test_labels.cpu().numpy(), groups)
+    probs = predict_probs(model, source.test_images(EVAL_BATCH), dataset.mean, dataset.std, dtype)
+    return evaluate_predictions(probs, source.test_labels.numpy(), groups)
 
 
 def train_epoch(
-    model: ImageClassifier, data: DeviceData, recipe: StageRecipe[StepT], optimizer: torch.optim.Optimizer,
+    model: ImageClassifier, source: BatchSource, recipe: StageRecipe[StepT], optimizer: torch.optim.Optimizer,
     generator: torch.Generator, dtype: torch.dtype | None,
 ) -> tuple[float, int]:
     """One pass of a stage; returns (mean loss, images seen). The caller sets the modes first."""
-    steps = recipe.draw_epoch(data.train_labels, data.padding, model.feature_channels, generator, data.device)
-    total_loss = torch.zeros((), device=data.device)  # summed on the device: no sync per step
+    steps = recipe.draw_epoch(source.train_labels, source.augmentation, model.feature_channels, generator,
+                              source.device)
+    total_loss = torch.zeros((), device=source.device)  # summed on the device: no sync per step
     seen = 0
-    for step in steps:
-        loss = recipe.step_loss(model, data, step, dtype)
+    for step, batches in zip(steps, source.steps([step.requests for step in steps]), strict=True):
+        loss = recipe.step_loss(model, step, batches, dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -142,7 +148,7 @@ class StageResult:
 
 
 def run_stage(
-    model: ImageClassifier, dataset: Dataset, data: DeviceData, config: RunConfig, recipe: StageRecipe[StepT],
+    model: ImageClassifier, dataset: Dataset, source: BatchSource, config: RunConfig, recipe: StageRecipe[StepT],
     folder: RunFolder, on_epoch: EpochCallback | None = None, dtype: torch.dtype | None = None,
     stop_requested: Callable[[], bool] | None = None,
 ) -> StageResult:
@@ -161,7 +167,7 @@ def run_stage(
     report = None
     start_epoch = 0
     if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, data.device)
+        state = load_checkpoint(checkpoint_path, source.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
@@ -174,9 +180,9 @@ def run_stage(
             group["lr"] = lr
         recipe.set_modes(model)
         started = time.perf_counter()
-        loss, seen = train_epoch(model, data, recipe, optimizer, epoch_generator(config.seed, stage, epoch), dtype)
+        loss, seen = train_epoch(model, source, recipe, optimizer, epoch_generator(config.seed, stage, epoch), dtype)
         seconds = time.perf_counter() - started
-        report = evaluate(model, data, groups, dtype)
+        report = evaluate(model, dataset, source, groups, dtype)
         g = report.groups
         metrics = EpochMetrics(
             stage=stage, epoch=epoch + 1, epochs=stage_config.epochs, loss=loss, lr=lr, top1=report.top1,
@@ -246,8 +252,8 @@ def train_two_stage(
     model = build_classifier(config.backbone, dataset.num_classes).to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    data = DeviceData.from_dataset(dataset, device)
-    stage1, stage2 = Stage1Recipe(config.stage1, config.augment), Stage2Recipe(config.stage2, config.augment)
+    source = source_for(dataset, config, device)
+    stage1, stage2 = Stage1Recipe(config.stage1), Stage2Recipe(config.stage2)
     pretrained = None
     if config.pretrained is not None and stage1_from is None and not folder.checkpoint(stage1.stage).exists():
         pretrained = initialise_from(model, config.pretrained, weights or WeightSource())
@@ -257,16 +263,16 @@ def train_two_stage(
         model.load_state_dict(state["model"])
         stage1_history = [EpochMetrics.model_validate(m) for m in state["history"]]
     else:
-        stage1_history = run_stage(model, dataset, data, config, stage1, folder, on_epoch, dtype,
+        stage1_history = run_stage(model, dataset, source, config, stage1, folder, on_epoch, dtype,
                                    stop_requested).history
 
     if not folder.checkpoint(stage2.stage).exists():
         # stage 2 starts from the stage-1 weights (backbone and classifier) of the final stage-1 epoch
-        source = stage1_from if stage1_from is not None else folder
-        model.load_state_dict(load_checkpoint(source.checkpoint(stage1.stage), device)["model"])
-    stage2_result = run_stage(model, dataset, data, config, stage2, folder, on_epoch, dtype, stop_requested)
+        stage1_folder = stage1_from if stage1_from is not None else folder
+        model.load_state_dict(load_checkpoint(stage1_folder.checkpoint(stage1.stage), device)["model"])
+    stage2_result = run_stage(model, dataset, source, config, stage2, folder, on_epoch, dtype, stop_requested)
 
     groups = run_groups(dataset, config)
     # the last epoch's evaluation, unless this call resumed a stage 2 that had already finished
-    report = stage2_result.last_report or evaluate(model, data, groups, dtype)
+    report = stage2_result.last_report or evaluate(model, dataset, source, groups, dtype)
     return TwoStageResult(model, stage1_history, stage2_result.history, report, groups, pretrained)

@@ -6,10 +6,10 @@ from typing import get_args
 import pytest
 import torch
 
-from models.contract.config import AugmentConfig, BackboneName, Stage2Config
+from models.contract.config import BackboneName, RunConfig, Stage2Config
 from models.core.backbones import BACKBONES, build_classifier
 from models.core.data import Dataset, ImageSet
-from models.core.device import DeviceData
+from models.core.source import BatchSource, source_for
 from models.core.stages import Stage2Recipe
 from models.core.train import train_epoch
 
@@ -54,20 +54,20 @@ def test_backbone_trains_end_to_end(name):
     assert any(not torch.equal(before[k], p) for k, p in model.named_parameters() if k.startswith("backbone."))
 
 
-def _tiny_data(n: int = 4, size: int = 32) -> DeviceData:
+def _tiny_data(n: int = 4, size: int = 32) -> BatchSource:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     labels = torch.arange(n) % NUM_CLASSES
     split = ImageSet(images, labels)
     dataset = Dataset("tiny", tuple("abc"), split, split, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    return DeviceData.from_dataset(dataset, CPU)
+    return source_for(dataset, RunConfig(), CPU)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_stage2_trains_the_head_and_leaves_the_backbone_weights_unchanged(name):
     torch.manual_seed(0)
     model = build_classifier(name, NUM_CLASSES)
-    recipe = Stage2Recipe(Stage2Config(rho=0.5, batch_size=2, weight_decay=5e-4), AugmentConfig())
+    recipe = Stage2Recipe(Stage2Config(rho=0.5, batch_size=2, weight_decay=5e-4))
     backbone_before = {k: p.detach().clone() for k, p in model.backbone.named_parameters()}
     head_before = model.head.fc.weight.detach().clone()
     optimizer = torch.optim.SGD(recipe.trained_parameters(model), lr=0.1, momentum=0.9, weight_decay=5e-4)

@@ -5,28 +5,28 @@ import math
 import pytest
 import torch
 
-from models.contract.config import AugmentConfig, Stage1Config, Stage2Config
-from models.core.augment import CropFlip, mixup_lambda
+from models.contract.config import Stage1Config, Stage2Config
+from models.core.augment import Augmentation, CropFlip, mixup_lambda
 from models.core.backbones import build_classifier
 from models.core.h2t import class_balanced_indices, fusion_channels
 from models.core.stages import Stage1Recipe, Stage2Recipe
 
 CPU = torch.device("cpu")
-AUGMENT = AugmentConfig()
 LABELS = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])  # long-tailed: 6, 3, 1
 PADDING, CHANNELS = 2, 64
+AUGMENTATION = Augmentation("pad", image_size=16)  # pads by 16 / 8 = PADDING
 
 
 def stage1(**fields) -> Stage1Recipe:
-    return Stage1Recipe(Stage1Config(**fields), AUGMENT)
+    return Stage1Recipe(Stage1Config(**fields))
 
 
 def stage2(**fields) -> Stage2Recipe:
-    return Stage2Recipe(Stage2Config(**fields), AUGMENT)
+    return Stage2Recipe(Stage2Config(**fields))
 
 
 def draw(recipe, seed: int = 0):
-    return recipe.draw_epoch(LABELS, PADDING, CHANNELS, torch.Generator().manual_seed(seed), CPU)
+    return recipe.draw_epoch(LABELS, AUGMENTATION, CHANNELS, torch.Generator().manual_seed(seed), CPU)
 
 
 def test_stage1_schedule_warms_up_linearly_then_steps_down_at_milestones():

@@ -5,7 +5,7 @@ from models.contract.config import BuiltinDataset, RunConfig
 from models.contract.layout import RunFolder
 from models.core.backbones import build_classifier
 from models.core.data import digits_long_tailed
-from models.core.device import DeviceData
+from models.core.source import source_for
 from models.core.stages import Stage2Recipe
 from models.core.train import TrainingCancelled, load_checkpoint, run_stage, train_two_stage
 from tests.helpers import TINY_DATASET, tiny_run_config
@@ -27,8 +27,7 @@ def _stage2_only(digits, folder: RunFolder, shift_bn: bool):
     torch.manual_seed(0)
     model = build_classifier("resnet32", digits.num_classes)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    run_stage(model, digits, DeviceData.from_dataset(digits, CPU), config,
-              Stage2Recipe(config.stage2, config.augment), folder.create())
+    run_stage(model, digits, source_for(digits, config, CPU), config, Stage2Recipe(config.stage2), folder.create())
     return before, model.state_dict()
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
-from models.contract.onnx_model import decode_image
+from models.contract.onnx_model import ModelSpec, decode_image
 from service.api.auth import ApiKey
 from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
 from service.api.deps import PageDep, SessionDep, SettingsDep
@@ -98,11 +98,11 @@ def _decode_base64(texts: list[str]) -> list[bytes]:
     return blobs
 
 
-def _decode_all(blobs: list[bytes], image_size: int, max_pixels: int) -> np.ndarray:
+def _decode_all(blobs: list[bytes], spec: ModelSpec, max_pixels: int) -> np.ndarray:
     images = []
     for i, data in enumerate(blobs):
         try:
-            images.append(decode_image(data, image_size, max_pixels))
+            images.append(decode_image(data, spec.image_size, max_pixels, spec.fit))
         except ValueError as exc:
             raise InvalidInput(f"image {i}: {exc}") from exc
     return np.stack(images)
@@ -121,7 +121,7 @@ async def predict(model_id: str, request: Request, _: ApiKey) -> JSONResponse:
 
     loaded = await request.app.state.models.get(model_id, lookup, settings.artifacts)
     blobs, top_k = await _read_images(request, settings)
-    images = await asyncio.to_thread(_decode_all, blobs, loaded.spec.image_size, settings.max_image_pixels)
+    images = await asyncio.to_thread(_decode_all, blobs, loaded.spec, settings.max_image_pixels)
     probs = await loaded.probabilities(images)
     metrics = request.app.state.metrics
     metrics.predicted_images.inc(len(images))

@@ -1,0 +1,240 @@
+"""The one seam between the training loop and its images: a batch source.
+
+A stage draws its epoch up front (`models.core.stages`): per step, one or two image requests, each the
+indices of training images and their augmentation draws. The loop hands the whole epoch's requests to
+its source and takes back each step's batches in order; only the source knows where pixels come from:
+
+- `MemorySource`: the dataset decoded once and held on the training device; a batch is an index and a
+  tensor op. For CIFAR-scale sets.
+- `StreamingSource`: the image files read per batch by worker processes (decoded there with Pillow,
+  or, on a CUDA device, read there and decoded on the GPU with nvJPEG), a few batches ahead of the
+  step that needs them. Resident memory holds the file list and the batches in flight, not the images.
+
+For the same draws the two give the same uint8 pixels where the images are the same (pad crops of
+images resized to S x S), so a seed trains the same model through either. Evaluation always fits test
+images with `read_rgb`, the function serving decodes requests with, so reported metrics are the served
+model's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from models.contract.config import LoaderConfig, RunConfig
+from models.contract.onnx_model import read_rgb
+from models.core.augment import Augmentation, CropFlip, ResizedCropFlip, crop_flip, normalize, resized_crops
+from models.core.data import Dataset, FileSet, ImageSet
+from models.core.device import to_model_layout
+
+Draws = CropFlip | ResizedCropFlip
+ImageRequest = tuple[torch.Tensor, Draws]  # indices into the training split (CPU), their augmentation draws
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+PREFETCH_BATCHES = 4  # per worker: enough to hide a slow file, bounded so memory is too
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # float32 N x 3 x S x S, normalised, on the device in the model's memory layout
+    labels: torch.Tensor  # N, int64, on the device
+
+
+def augmentation_for(config: RunConfig, image_size: int) -> Augmentation:
+    return Augmentation(config.augment.crop_kind(image_size), image_size, config.augment.random_crop,
+                        config.augment.horizontal_flip)
+
+
+def loader_workers(loader: LoaderConfig) -> int:
+    """The decoding processes a loader config asks for; by default the CPUs this process may use, at most 16."""
+    if loader.workers is not None:
+        return loader.workers
+    return min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class BatchSource:
+    """What the training loop asks of its data; `source_for` picks the implementation."""
+
+    def __init__(self, dataset: Dataset, augmentation: Augmentation, device: torch.device) -> None:
+        self.augmentation = augmentation
+        self.device = device
+        self.train_labels = dataset.train.labels  # on the CPU: the stages draw from them
+        self.test_labels = dataset.test.labels
+        self._labels = dataset.train.labels.to(device)
+        self._mean = torch.tensor(dataset.mean, device=device)
+        self._std = torch.tensor(dataset.std, device=device)
+
+    def steps(self, requests: Sequence[Sequence[ImageRequest]]) -> Iterator[list[Batch]]:
+        """Per step, in order, one batch per request."""
+        raise NotImplementedError
+
+    def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The test split in order as uint8 N x 3 x S x S batches on the device."""
+        raise NotImplementedError
+
+    def _batch(self, images: torch.Tensor, indices: torch.Tensor) -> Batch:
+        x = normalize(images.to(self.device, non_blocking=True), self._mean, self._std)
+        return Batch(to_model_layout(x, self.device), self._labels[indices.to(self.device, non_blocking=True)])
+
+
+class MemorySource(BatchSource):
+    def __init__(self, dataset: Dataset, augmentation: Augmentation, device: torch.device) -> None:
+        if not isinstance(dataset.train, ImageSet) or not isinstance(dataset.test, ImageSet):
+            raise TypeError("MemorySource needs a dataset held in memory")
+        super().__init__(dataset, augmentation, device)
+        self._train = dataset.train.images.to(device)
+        self._test = dataset.test.images.to(device)
+
+    def steps(self, requests: Sequence[Sequence[ImageRequest]]) -> Iterator[list[Batch]]:
+        # every index and draw of the epoch goes to the device before the first step, so no step waits on a copy
+        moved = [[(idx.to(self.device), draws.to(self.device)) for idx, draws in step] for step in requests]
+        for step in moved:
+            yield [self._batch(self.augmentation.apply(self._train[idx], draws), idx) for idx, draws in step]
+
+    def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
+        yield from self._test.split(batch_size)
+
+
+def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmentation: Augmentation) -> torch.Tensor:
+    """Decode and augment one request's images from their files: uint8 N x 3 x S x S.
+
+    Pad crops read each image as the in-memory path holds it (`read_rgb`, squashed to S x S) and crop the
+    stack with the same tensor op, so the pixels are bit-identical. Resized crops decode only as much of a
+    JPEG as the crop needs (libjpeg's DCT scaling through Pillow's `draft`) and resize the crop box once."""
+    size = augmentation.image_size
+    if isinstance(draws, CropFlip):
+        stack = torch.stack([torch.from_numpy(_read(files, int(i), "squash")) for i in indices])
+        return crop_flip(stack, augmentation.padding, draws)
+    out = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
+    for k, i in enumerate(indices.tolist()):
+        out[k] = torch.from_numpy(_read_resized_crop(files, i, draws, k, size))
+    return out
+
+
+def _read(files: FileSet, i: int, fit: str) -> np.ndarray:
+    try:
+        return read_rgb(files.path(i), files.image_size, fit=fit)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{files.paths[i].decode()} could not be decoded: {exc}") from exc
+
+
+def _read_resized_crop(files: FileSet, i: int, draws: ResizedCropFlip, k: int, size: int) -> np.ndarray:
+    from PIL import Image
+
+    path = files.path(i)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            left, top, w, h = draws.crop_box(k, width, height)
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale where the crop stays at least S x S
+            image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+            sx, sy = image.size[0] / width, image.size[1] / height
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            rgb = image.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
+            pixels = np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{files.paths[i].decode()} could not be decoded: {exc}") from exc
+    if bool(draws.flip[k]):
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def read_bytes(files: FileSet, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoded files of a request, concatenated (one shared-memory tensor per batch, not one per image),
+    and the offsets that split them."""
+    blobs = [files.path(i).read_bytes() for i in indices.tolist()]
+    offsets = torch.tensor([0, *np.cumsum([len(b) for b in blobs]).tolist()], dtype=torch.int64)
+    return torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8), offsets
+
+
+def decode_on_device(data: torch.Tensor, offsets: torch.Tensor, draws: ResizedCropFlip, size: int,
+                     device: torch.device) -> torch.Tensor:
+    """JPEGs decoded on `device` (nvJPEG on a GPU) in one batched call, then resized-cropped there."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    blobs = [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
+    images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    return resized_crops(images, draws, size)
+
+
+class _EpochImages(torch.utils.data.Dataset):
+    """Item s is step s's requests read from their files (in a worker process); the epoch's requests are
+    inherited by the forked workers, only step numbers and finished batches cross between processes."""
+
+    def __init__(self, files: FileSet, augmentation: Augmentation, requests: Sequence[Sequence[ImageRequest]],
+                 encoded: bool) -> None:
+        self.files, self.augmentation, self.requests, self.encoded = files, augmentation, requests, encoded
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, step: int) -> list:
+        if self.encoded:
+            return [read_bytes(self.files, idx) for idx, _ in self.requests[step]]
+        return [read_augmented(self.files, idx, draws, self.augmentation) for idx, draws in self.requests[step]]
+
+
+class _TestImages(torch.utils.data.Dataset):
+    def __init__(self, files: FileSet, fit: str, batch_size: int) -> None:
+        self.files, self.fit, self.batch_size = files, fit, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.files) / self.batch_size)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        end = min(len(self.files), (k + 1) * self.batch_size)
+        return torch.stack([torch.from_numpy(_read(self.files, i, self.fit)) for i in range(k * self.batch_size, end)])
+
+
+def _loader(items: torch.utils.data.Dataset, workers: int, pin: bool) -> DataLoader:
+    # fork: workers share the parent's file list and draws instead of pickling them
+    extra = {"prefetch_factor": PREFETCH_BATCHES, "multiprocessing_context": "fork"} if workers else {}
+    return DataLoader(items, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin, **extra)
+
+
+class StreamingSource(BatchSource):
+    def __init__(self, dataset: Dataset, augmentation: Augmentation, device: torch.device,
+                 loader: LoaderConfig, decode_device: torch.device | None = None) -> None:
+        if not isinstance(dataset.train, FileSet) or not isinstance(dataset.test, FileSet):
+            raise TypeError("StreamingSource needs a dataset of files")
+        super().__init__(dataset, augmentation, device)
+        self.train, self.test, self.eval_fit = dataset.train, dataset.test, dataset.eval_fit
+        self.workers = loader_workers(loader)
+        # nvJPEG where it pays: resized crops of an all-JPEG training split on a CUDA device
+        all_jpeg = all(p.lower().endswith((b".jpg", b".jpeg")) for p in dataset.train.paths)
+        wanted = device.type == "cuda" and loader.decode_on_device and augmentation.kind == "resized" and all_jpeg
+        self.decode_device = decode_device or (device if wanted else None)
+
+    def steps(self, requests: Sequence[Sequence[ImageRequest]]) -> Iterator[list[Batch]]:
+        encoded = self.decode_device is not None
+        items = _EpochImages(self.train, self.augmentation, requests, encoded)
+        for step, parts in zip(requests, _loader(items, self.workers, self.device.type == "cuda"), strict=True):
+            if encoded:
+                parts = [decode_on_device(data, offsets, draws, self.augmentation.image_size, self.decode_device)
+                         for (data, offsets), (_, draws) in zip(parts, step, strict=True)]
+            yield [self._batch(images, idx) for images, (idx, _) in zip(parts, step, strict=True)]
+
+    def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for images in test_batches(self.test, self.eval_fit, batch_size, self.workers, self.device.type == "cuda"):
+            yield images.to(self.device, non_blocking=True)
+
+
+def test_batches(split: ImageSet | FileSet, fit: str, batch_size: int, workers: int = 0,
+                 pin: bool = False) -> Iterator[torch.Tensor]:
+    """A test split in order as uint8 CPU batches: sliced from memory, or read from its files by `fit`."""
+    if isinstance(split, ImageSet):
+        yield from split.images.split(batch_size)
+        return
+    yield from _loader(_TestImages(split, fit, batch_size), workers, pin)
+
+
+def source_for(dataset: Dataset, config: RunConfig, device: torch.device) -> BatchSource:
+    augmentation = augmentation_for(config, dataset.image_size)
+    if isinstance(dataset.train, FileSet):
+        return StreamingSource(dataset, augmentation, device, config.loader)
+    return MemorySource(dataset, augmentation, device)
