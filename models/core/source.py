@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmenta
 
 def _read(files: FileSet, i: int, fit: str) -> np.ndarray:
     try:
-        return read_rgb(files.path(i), files.image_size, fit=fit)
+        return np.array(read_rgb(files.path(i), files.image_size, fit=fit))  # a writable, contiguous copy
     except (OSError, ValueError) as exc:
         raise ValueError(f"{files.paths[i].decode()} could not be decoded: {exc}") from exc
 
@@ -158,7 +159,10 @@ def decode_on_device(data: torch.Tensor, offsets: torch.Tensor, draws: ResizedCr
     from torchvision.io import ImageReadMode, decode_jpeg
 
     blobs = [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
-    images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    with warnings.catch_warnings():
+        # torchvision deprecates its decoders in favour of TorchCodec; its nvJPEG path still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
     return resized_crops(images, draws, size)
 
 
@@ -220,11 +224,11 @@ class StreamingSource(BatchSource):
             yield [self._batch(images, idx) for images, (idx, _) in zip(parts, step, strict=True)]
 
     def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
-        for images in test_batches(self.test, self.eval_fit, batch_size, self.workers, self.device.type == "cuda"):
+        for images in held_out_batches(self.test, self.eval_fit, batch_size, self.workers, self.device.type == "cuda"):
             yield images.to(self.device, non_blocking=True)
 
 
-def test_batches(split: ImageSet | FileSet, fit: str, batch_size: int, workers: int = 0,
+def held_out_batches(split: ImageSet | FileSet, fit: str, batch_size: int, workers: int = 0,
                  pin: bool = False) -> Iterator[torch.Tensor]:
     """A test split in order as uint8 CPU batches: sliced from memory, or read from its files by `fit`."""
     if isinstance(split, ImageSet):

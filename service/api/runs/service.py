@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.contract.config import RunConfig
+from models.contract.config import ReferenceDataset, RunConfig
 from models.contract.pretrained import PretrainedFile, resolve_in_root
 from service.api.datasets.service import get as get_dataset
 from service.api.runs.schemas import MetricPublic, RunCreate, RunPublic
@@ -69,6 +69,10 @@ def create(session: Session, body: RunCreate, data_root: Path) -> RunRow:
                                + (f": {dataset.error}" if dataset.error else ""))
     config = RunConfig.model_validate(body.model_dump(exclude={"dataset_id", "stage1_from"}))
     check_pretrained_file(config, data_root)
+    try:
+        config.loader.streams(0, 1, isinstance(dataset.dataset_spec(), ReferenceDataset))
+    except ValueError as exc:
+        raise InvalidInput(f"loader.mode: {exc}") from exc
     num_classes = len(dataset.class_names)
     if config.groups.slices is not None and config.groups.slices[2][1] != num_classes:
         raise InvalidInput(f"groups.slices must end at the dataset's {num_classes} classes")
