@@ -5,13 +5,15 @@ root are refused with nothing written; a scan whose message is lost is sent agai
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
 import redis
 
+from models.contract.onnx_model import load_session, read_rgb, run_probabilities, uint8_to_input
 from service.store.settings import Settings
-from tests.helpers import submit_run, wait_for, wait_for_run
+from tests.helpers import create_tiny_dataset, submit_run, wait_for, wait_for_run
 from tests.reference_data import CORRUPT, ReferenceTree
 
 pytestmark = pytest.mark.integration
@@ -56,6 +58,41 @@ def test_each_reference_format_registers_scans_ready_and_trains_to_succeeded(cli
     run = submit_run(client, created["id"])
     finished = wait_for_run(client, run["id"], {"succeeded"})
     assert finished["model_id"] == run["id"]
+
+
+def test_a_run_streaming_from_files_trains_and_serves_with_the_centre_crop_it_evaluated_with(
+        client, reference_root, start_worker, tmp_path):
+    root, tree = reference_root
+    created = client.post("/v1/datasets", json={"folder": tree.folder, "image_size": 48}).json()
+    start_worker()
+    assert _wait_scanned(client, created["id"])["status"] == "ready"
+    run = submit_run(client, created["id"], augment={"crop": "resized", "horizontal_flip": True},
+                     loader={"mode": "streaming", "workers": 2})
+    assert run["config"]["loader"]["mode"] == "streaming"
+    finished = wait_for_run(client, run["id"], {"succeeded"})
+    model = client.get(f"/v1/models/{finished['model_id']}").json()
+    assert model["input"]["fit"] == "center_crop" and model["input"]["height"] == 48
+
+    # serving decodes a request exactly as evaluation read the test split: the same probabilities
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(client.get(f"/v1/models/{model['id']}/onnx").content)
+    test_image = next((root / tree.folder / "test").glob("*/*.jpg"))
+    expected = run_probabilities(load_session(onnx), uint8_to_input(
+        read_rgb(test_image, 48, fit="center_crop")[None]))
+    response = client.post(f"/v1/models/{model['id']}/predict", json={
+        "images": [base64.b64encode(test_image.read_bytes()).decode()], "top_k": 1})
+    assert response.status_code == 200, response.text
+    top = response.json()["predictions"][0]["top_k"][0]
+    assert top["class_index"] == int(expected[0].argmax())
+    assert top["probability"] == pytest.approx(float(expected[0].max()), abs=1e-6)
+
+
+def test_streaming_a_dataset_that_has_no_files_is_refused(client):
+    dataset_id = create_tiny_dataset(client)
+    response = client.post("/v1/runs", json={"dataset_id": dataset_id, "loader": {"mode": "streaming"}})
+    assert response.status_code == 422, response.text
+    assert "only a dataset by reference" in response.json()["detail"]
+    assert client.get("/v1/runs").json()["count"] == 0
 
 
 @pytest.mark.parametrize("spec", [
