@@ -91,11 +91,11 @@ class ResizedCropFlip:
     def draw(cls, n: int, generator: torch.Generator, crop: bool = True, flip: bool = True) -> ResizedCropFlip:
         """Without `crop`, every draw asks for the whole image (torchvision's fallback box)."""
         lo, hi = RESIZED_CROP_AREA
-        area = lo + (hi - lo) * torch.rand(n, RESIZED_CROP_ATTEMPTS, generator=generator, dtype=torch.float64)
+        area = lo + (hi - lo) * torch.rand(n, RESIZED_CROP_ATTEMPTS, generator=generator)
         lo, hi = RESIZED_CROP_LOG_RATIO
-        log_ratio = lo + (hi - lo) * torch.rand(n, RESIZED_CROP_ATTEMPTS, generator=generator, dtype=torch.float64)
-        top = torch.rand(n, generator=generator, dtype=torch.float64)
-        left = torch.rand(n, generator=generator, dtype=torch.float64)
+        log_ratio = lo + (hi - lo) * torch.rand(n, RESIZED_CROP_ATTEMPTS, generator=generator)
+        top = torch.rand(n, generator=generator)
+        left = torch.rand(n, generator=generator)
         flips = torch.rand(n, generator=generator) < 0.5
         if not crop:
             area, log_ratio = torch.full_like(area, 2.0), torch.zeros_like(log_ratio)  # never fits: the fallback
@@ -134,16 +134,20 @@ class ResizedCropFlip:
 
 def resized_crops(images: list[torch.Tensor] | torch.Tensor, draws: ResizedCropFlip, size: int) -> torch.Tensor:
     """Apply resized-crop-flip draws to uint8 3 x H x W images (a batch, or a list of any sizes) on their
-    device: bilinear sampling averaged over each output pixel's footprint (antialiased), to uint8 N x 3 x S x S."""
-    out = []
-    for i, image in enumerate(images):
-        _, height, width = image.shape
-        left, top, w, h = draws.crop_box(i, width, height)
-        box = torch.tensor([[0.0, left, top, left + w, top + h]], dtype=torch.float32, device=image.device)
-        crop = torchvision.ops.roi_align(image[None].float(), box, (size, size), spatial_scale=1.0,
-                                         sampling_ratio=-1, aligned=True)[0]
-        out.append(crop.flip(-1) if bool(draws.flip[i]) else crop)
-    return torch.stack(out).round_().clamp_(0, 255).to(torch.uint8)
+    device: bilinear sampling averaged over each output pixel's footprint (antialiased), to uint8 N x 3 x S x S.
+    A batch is cropped in one call; a list of differently sized images one image at a time."""
+    boxes = torch.tensor([[i, left, top, left + w, top + h] for i, (left, top, w, h) in enumerate(
+        draws.crop_box(i, image.shape[-1], image.shape[-2]) for i, image in enumerate(images))], dtype=torch.float32)
+    if isinstance(images, torch.Tensor):
+        boxes = boxes.to(images.device)
+        out = torchvision.ops.roi_align(images.float(), boxes, (size, size), sampling_ratio=-1, aligned=True)
+    else:
+        boxes = boxes.to(images[0].device) if images else boxes
+        boxes[:, 0] = 0  # each image is a batch of one
+        out = torch.cat([torchvision.ops.roi_align(image[None].float(), boxes[i:i + 1], (size, size),
+                                                   sampling_ratio=-1, aligned=True) for i, image in enumerate(images)])
+    flips = draws.flip.to(out.device)[:, None, None, None]
+    return torch.where(flips, out.flip(-1), out).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass(frozen=True)
