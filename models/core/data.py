@@ -4,6 +4,7 @@ streaming path (`models.core.source`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,30 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tup
     return tuple(mean.tolist()), tuple(std.tolist())  # type: ignore[return-value]
 
 
+STATS_SAMPLE = 2000  # images a dataset by reference measures its normalisation on
+
+
+def stats_sample(n: int, sample: int = STATS_SAMPLE) -> range:
+    """Evenly spaced positions of up to `sample` of `n` images."""
+    return range(0, n, max(1, n // sample))[:sample]
+
+
+def accumulated_channel_stats(images: Iterable[np.ndarray]) -> tuple[tuple[float, float, float],
+                                                                      tuple[float, float, float]]:
+    """Per-channel mean and std (0..1 scale) of uint8 3 x H x W images, accumulated one image at a time in
+    float64: memory does not grow with their number, and the same images give the same bits whether they
+    come from memory or from files."""
+    total, squares, pixels = np.zeros(3), np.zeros(3), 0
+    for image in images:
+        x = np.ascontiguousarray(image, dtype=np.float64).reshape(3, -1) / 255.0  # one summation order
+        total += x.sum(axis=1)
+        squares += (x * x).sum(axis=1)
+        pixels += x.shape[1]
+    mean = total / max(pixels, 1)
+    variance = (squares - pixels * mean * mean) / max(pixels - 1, 1)
+    return tuple(mean.tolist()), tuple(np.maximum(np.sqrt(np.maximum(variance, 0)), 1e-3).tolist())  # type: ignore[return-value]
+
+
 def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
     """Read `root/train/<class>/<image>` and `root/test/<class>/<image>`, resizing to a square.
 
@@ -227,10 +252,10 @@ def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
 
 
 def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name: str, eval_fit: Fit = "squash",
-                 streaming: bool = False, stats_sample: int = 2000) -> Dataset:
+                 streaming: bool = False) -> Dataset:
     """The train and test splits of a scan index: in memory, each training image resized to the square
     `image_size` (as `load_image_folder`) and each test image by `eval_fit`; or, `streaming`, as their file
-    lists, with the normalisation statistics measured on an evenly spaced sample of training images.
+    lists. Either way the normalisation is measured on the same evenly spaced sample of training images.
     A file that passed the scan's header check but does not decode fails here (or in the batch it is in)."""
     root = Path(data_root).resolve()
 
@@ -244,14 +269,14 @@ def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name:
         return ImageSet(images, torch.tensor([label for _, label in pairs], dtype=torch.int64))
 
     train_pairs, test_pairs = index.splits["train"], index.splits["test"]
+    sample = stats_sample(len(train_pairs))
     if streaming:
-        step = max(1, len(train_pairs) // stats_sample)
-        mean, std = channel_stats(read(train_pairs[::step][:stats_sample], "squash").images)
         train = FileSet.from_pairs(root, train_pairs, image_size)
+        mean, std = accumulated_channel_stats(read_rgb(train.path(i), image_size) for i in sample)
         test = FileSet.from_pairs(root, test_pairs, image_size)
         return Dataset(name, index.class_names, train, test, mean, std, eval_fit)
     train = read(train_pairs, "squash")
-    mean, std = channel_stats(train.images)
+    mean, std = accumulated_channel_stats(train.images[i].numpy() for i in sample)
     return Dataset(name, index.class_names, train, read(test_pairs, eval_fit), mean, std, eval_fit)
 
 

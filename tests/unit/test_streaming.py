@@ -286,3 +286,11 @@ def test_streaming_a_dataset_without_files_is_refused_up_front():
 def test_auto_crop_is_cifars_pad_crop_for_small_images_and_resized_crop_for_large_ones():
     assert AugmentConfig().crop_kind(32) == "pad" and AugmentConfig().crop_kind(224) == "resized"
     assert AugmentConfig(crop="resized").crop_kind(32) == "resized"
+
+
+def test_a_streamed_dataset_normalises_with_the_statistics_of_the_images_it_samples(png_root):
+    memory, streamed = _load(png_root, MEMORY), _load(png_root, STREAMING)
+    assert streamed.mean == memory.mean and streamed.std == memory.std  # the same sample, the same bits
+    held = memory.train.images.float() / 255  # this small set is sampled whole
+    assert memory.mean == pytest.approx(held.mean(dim=(0, 2, 3)).tolist(), abs=1e-5)
+    assert memory.std == pytest.approx(held.std(dim=(0, 2, 3)).tolist(), abs=1e-4)
