@@ -23,7 +23,7 @@ from models.contract.onnx_model import (
 )
 from models.core.backbones import ImageClassifier
 from models.core.data import Dataset
-from models.core.source import test_batches
+from models.core.source import held_out_batches
 
 OPSET = 17
 
@@ -95,10 +95,10 @@ def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[
     overall and per group."""
     spec = ModelSpec(dataset.image_size, tuple(dataset.mean), tuple(dataset.std), tuple(dataset.class_names),
                      tuple(groups), dataset.eval_fit)
-    parity = next(test_batches(dataset.test, dataset.eval_fit, PARITY_IMAGES), None)
+    parity = next(held_out_batches(dataset.test, dataset.eval_fit, PARITY_IMAGES), None)
     result = export_onnx(model, spec, path, parity.numpy() if parity is not None else np.zeros((0, 3, 1, 1), np.uint8))
     session = load_session(path)
     probs = [run_probabilities(session, uint8_to_input(images.numpy()))
-             for images in test_batches(dataset.test, dataset.eval_fit, CALIBRATION_BATCH, workers)]
+             for images in held_out_batches(dataset.test, dataset.eval_fit, CALIBRATION_BATCH, workers)]
     report = evaluate_predictions(np.concatenate(probs), dataset.test.labels.numpy(), groups)
     return ServedModel(result, spec, report)
