@@ -38,7 +38,7 @@ from models.contract.config import (
 )
 from models.contract.layout import ArtifactLayout
 from models.contract.onnx_model import Fit, read_rgb
-from models.contract.reference import ScanIndex, scan_reference
+from models.contract.reference import FileList, ScanIndex, scan_reference
 
 # The official H2T code normalises both CIFARs with these statistics.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -66,24 +66,26 @@ class ImageSet:
 
 @dataclass(frozen=True)
 class FileSet:
-    """A split as its image files: paths relative to `root`, packed into one bytes array so that worker
-    processes forked from the trainer share it instead of copying a Python object per image."""
+    """A split as its image files: paths relative to `root` with their labels, packed (`FileList`) so that
+    worker processes forked from the trainer share them instead of copying a Python object per image."""
 
     root: Path
-    paths: np.ndarray  # N, dtype bytes (UTF-8)
+    files: FileList
     labels: torch.Tensor  # N, int64
     image_size: int
 
     @classmethod
-    def from_pairs(cls, root: Path, pairs: list[tuple[str, int]], image_size: int) -> FileSet:
-        paths = np.array([p.encode() for p, _ in pairs], dtype=bytes) if pairs else np.zeros(0, dtype="S1")
-        return cls(root, paths, torch.tensor([label for _, label in pairs], dtype=torch.int64), image_size)
+    def from_list(cls, root: Path, files: FileList, image_size: int) -> FileSet:
+        return cls(root, files, torch.from_numpy(files.labels()), image_size)
 
     def path(self, i: int) -> Path:
-        return self.root / self.paths[i].decode()
+        return self.root / self.files.path(i)
+
+    def name(self, i: int) -> str:
+        return self.files.path(i)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
 
 Split = ImageSet | FileSet
@@ -259,7 +261,7 @@ def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name:
     A file that passed the scan's header check but does not decode fails here (or in the batch it is in)."""
     root = Path(data_root).resolve()
 
-    def read(pairs: list[tuple[str, int]], fit: Fit) -> ImageSet:
+    def read(pairs: FileList, fit: Fit) -> ImageSet:
         images = torch.empty((len(pairs), 3, image_size, image_size), dtype=torch.uint8)
         for i, (path, _) in enumerate(pairs):
             try:
@@ -271,9 +273,9 @@ def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name:
     train_pairs, test_pairs = index.splits["train"], index.splits["test"]
     sample = stats_sample(len(train_pairs))
     if streaming:
-        train = FileSet.from_pairs(root, train_pairs, image_size)
+        train = FileSet.from_list(root, train_pairs, image_size)
         mean, std = accumulated_channel_stats(read_rgb(train.path(i), image_size) for i in sample)
-        test = FileSet.from_pairs(root, test_pairs, image_size)
+        test = FileSet.from_list(root, test_pairs, image_size)
         return Dataset(name, index.class_names, train, test, mean, std, eval_fit)
     train = read(train_pairs, "squash")
     mean, std = accumulated_channel_stats(train.images[i].numpy() for i in sample)

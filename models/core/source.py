@@ -121,7 +121,7 @@ def _read(files: FileSet, i: int, fit: str) -> np.ndarray:
     try:
         return np.array(read_rgb(files.path(i), files.image_size, fit=fit))  # a writable, contiguous copy
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{files.paths[i].decode()} could not be decoded: {exc}") from exc
+        raise ValueError(f"{files.name(i)} could not be decoded: {exc}") from exc
 
 
 def _read_resized_crop(files: FileSet, i: int, draws: ResizedCropFlip, k: int, size: int) -> np.ndarray:
@@ -139,7 +139,7 @@ def _read_resized_crop(files: FileSet, i: int, draws: ResizedCropFlip, k: int, s
             rgb = image.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
             pixels = np.asarray(rgb, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{files.paths[i].decode()} could not be decoded: {exc}") from exc
+        raise ValueError(f"{files.name(i)} could not be decoded: {exc}") from exc
     if bool(draws.flip[k]):
         pixels = pixels[:, ::-1]
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
@@ -210,7 +210,7 @@ class StreamingSource(BatchSource):
         self.train, self.test, self.eval_fit = dataset.train, dataset.test, dataset.eval_fit
         self.workers = loader_workers(loader)
         # nvJPEG where it pays: resized crops of an all-JPEG training split on a CUDA device
-        all_jpeg = all(p.lower().endswith((b".jpg", b".jpeg")) for p in dataset.train.paths)
+        all_jpeg = all(path.lower().endswith(JPEG_SUFFIXES) for path, _ in dataset.train.files)
         wanted = device.type == "cuda" and loader.decode_on_device and augmentation.kind == "resized" and all_jpeg
         self.decode_device = decode_device or (device if wanted else None)
 

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from models.contract.config import DATASET_SPEC, LocalTrainConfig
-from models.contract.reference import DatasetUnavailable, confine, scan_reference
+from models.contract.reference import DatasetUnavailable, FileList, confine, scan_reference
 from tests.reference_data import CORRUPT, ReferenceTree
 
 
@@ -153,3 +153,13 @@ def test_load_dataset_reads_a_scanned_dataset_into_memory(reference_root: tuple[
     assert sorted(dataset.train_counts()) == sorted(tree.train_counts)
     with pytest.raises(ValueError, match="data root"):
         load_dataset(config.dataset, None)
+
+
+def test_a_file_list_packs_pairs_and_reads_them_back_in_order():
+    files = FileList([("a/ü.jpg", 3), ("b/x y.png", 0)])
+    files.append("c/z.jpg", 7)
+    assert len(files) == 3 and list(files) == [("a/ü.jpg", 3), ("b/x y.png", 0), ("c/z.jpg", 7)]
+    assert files[-1] == ("c/z.jpg", 7) and files[::2] == [("a/ü.jpg", 3), ("c/z.jpg", 7)]
+    assert files.labels().tolist() == [3, 0, 7] and files == [("a/ü.jpg", 3), ("b/x y.png", 0), ("c/z.jpg", 7)]
+    with pytest.raises(IndexError):
+        files[3]

@@ -24,6 +24,7 @@ from models.contract.config import (
 )
 from models.contract.layout import RunFolder
 from models.contract.onnx_model import fit_box, read_rgb
+from models.contract.reference import FileList
 from models.core.augment import Augmentation, ResizedCropFlip
 from models.core.backbones import build_classifier
 from models.core.data import Dataset, FileSet, ImageSet, cifar_long_tailed, digits_long_tailed, load_dataset
@@ -99,10 +100,10 @@ def test_the_png_tree_holds_exactly_the_builtin_pixels(png_root):
     assert torch.equal(memory.train.images[:len(first)], source.train.images[first])
 
 
-def test_a_streamed_dataset_keeps_file_names_in_one_bytes_array_not_a_python_object_per_image(png_root):
+def test_a_streamed_dataset_keeps_file_names_packed_not_as_a_python_object_per_image(png_root):
     streamed = _load(png_root, STREAMING)
     assert isinstance(streamed.train, FileSet) and isinstance(streamed.test, FileSet)
-    assert streamed.train.paths.dtype.kind == "S" and len(streamed.train) == len(_load(png_root, MEMORY).train)
+    assert isinstance(streamed.train.files, FileList) and len(streamed.train) == len(_load(png_root, MEMORY).train)
     assert streamed.streams and not _load(png_root, MEMORY).streams
 
 
