@@ -18,11 +18,13 @@ model's.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,7 +81,10 @@ class BatchSource:
         raise NotImplementedError
 
     def _batch(self, images: torch.Tensor, indices: torch.Tensor) -> Batch:
-        x = normalize(images.to(self.device, non_blocking=True), self._mean, self._std)
+        """A step's batch on the device, normalised unless the workers already did (float images)."""
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = normalize(x, self._mean, self._std)
         return Batch(to_model_layout(x, self.device), self._labels[indices.to(self.device, non_blocking=True)])
 
 
@@ -102,18 +107,19 @@ class MemorySource(BatchSource):
 
 
 def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmentation: Augmentation) -> torch.Tensor:
-    """Decode and augment one request's images from their files: uint8 N x 3 x S x S.
+    """Decode and augment one request's images from their files: uint8 N x 3 x S x S (channels-last strides).
 
     Pad crops read each image as the in-memory path holds it (`read_rgb`, squashed to S x S) and crop the
     stack with the same tensor op, so the pixels are bit-identical. Resized crops decode only as much of a
-    JPEG as the crop needs (libjpeg's DCT scaling through Pillow's `draft`) and resize the crop box once."""
+    JPEG as the crop needs (libjpeg's DCT scaling through Pillow's `draft`) and resize the crop with torch's
+    antialiased bilinear filter, which is vectorised for uint8 images."""
     size = augmentation.image_size
     if isinstance(draws, CropFlip):
         stack = torch.stack([torch.from_numpy(_read(files, int(i), "squash")) for i in indices])
         return crop_flip(stack, augmentation.padding, draws)
     out = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
     for k, i in enumerate(indices.tolist()):
-        out[k] = torch.from_numpy(_read_resized_crop(files, i, draws, k, size))
+        out[k] = _read_resized_crop(files, i, draws, k, size)
     return out
 
 
@@ -124,7 +130,8 @@ def _read(files: FileSet, i: int, fit: str) -> np.ndarray:
         raise ValueError(f"{files.name(i)} could not be decoded: {exc}") from exc
 
 
-def _read_resized_crop(files: FileSet, i: int, draws: ResizedCropFlip, k: int, size: int) -> np.ndarray:
+def _read_resized_crop(files: FileSet, i: int, draws: ResizedCropFlip, k: int, size: int) -> torch.Tensor:
+    """One image's resized crop: uint8 3 x S x S."""
     from PIL import Image
 
     path = files.path(i)
@@ -132,17 +139,55 @@ def _read_resized_crop(files: FileSet, i: int, draws: ResizedCropFlip, k: int, s
         with Image.open(path) as image:
             width, height = image.size
             left, top, w, h = draws.crop_box(k, width, height)
-            # JPEG decodes at 1/2, 1/4 or 1/8 scale where the crop stays at least S x S
-            image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
-            sx, sy = image.size[0] / width, image.size[1] / height
-            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            rgb = image.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
-            pixels = np.asarray(rgb, dtype=np.uint8)
+            pixels = None
+            if image.format == "JPEG" and min(w, h) < 2 * size:
+                pixels = _decode_jpeg(path)  # libjpeg-turbo through torchvision: a little faster than Pillow
+            if pixels is None:
+                # a JPEG whose crop is at least twice S decodes at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling)
+                image.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+                pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{files.name(i)} could not be decoded: {exc}") from exc
-    if bool(draws.flip[k]):
-        pixels = pixels[:, ::-1]
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    sx, sy = pixels.shape[2] / width, pixels.shape[1] / height
+    x0, y0 = int(left * sx), int(top * sy)
+    x1, y1 = max(x0 + 1, round((left + w) * sx)), max(y0 + 1, round((top + h) * sy))
+    crop = pixels[None, :, y0:y1, x0:x1]
+    resized = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+    return resized.flip(-1) if bool(draws.flip[k]) else resized
+
+
+def _decode_jpeg(path: Path) -> torch.Tensor | None:
+    """uint8 3 x H x W, or None where torchvision's decoder refuses the file (Pillow then tries)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see decode_on_device
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8),
+                               mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return None
+
+
+RELEASE_EVERY = 16  # steps between handing freed heap memory back to the system
+
+
+def release_freed_memory() -> None:
+    """Return the heap's freed pages to the system (glibc's malloc_trim). Batches of a few MB fall under
+    glibc's mmap threshold once it has adapted, and freed heap memory is otherwise kept: resident memory
+    would grow with the batches an epoch has seen instead of staying at the batches in flight."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 def read_bytes(files: FileSet, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,11 +213,16 @@ def decode_on_device(data: torch.Tensor, offsets: torch.Tensor, draws: ResizedCr
 
 class _EpochImages(torch.utils.data.Dataset):
     """Item s is step s's requests read from their files (in a worker process); the epoch's requests are
-    inherited by the forked workers, only step numbers and finished batches cross between processes."""
+    inherited by the forked workers, only step numbers and finished batches cross between processes.
+
+    Batches come back encoded (for decoding on the GPU), as uint8 pixels (normalised on the training
+    device), or, for a CPU device, already normalised: the workers then do all the per-pixel work in
+    parallel and the training process none."""
 
     def __init__(self, files: FileSet, augmentation: Augmentation, requests: Sequence[Sequence[ImageRequest]],
-                 encoded: bool) -> None:
-        self.files, self.augmentation, self.requests, self.encoded = files, augmentation, requests, encoded
+                 encoded: bool, normalise: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.files, self.augmentation, self.requests = files, augmentation, requests
+        self.encoded, self.normalise = encoded, normalise
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -180,7 +230,18 @@ class _EpochImages(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> list:
         if self.encoded:
             return [read_bytes(self.files, idx) for idx, _ in self.requests[step]]
-        return [read_augmented(self.files, idx, draws, self.augmentation) for idx, draws in self.requests[step]]
+        batches = [read_augmented(self.files, idx, draws, self.augmentation) for idx, draws in self.requests[step]]
+        if self.normalise is not None:
+            # written straight into shared memory: handing the batch to the trainer then copies nothing
+            batches = [normalize(images, *self.normalise, out=_shared_float_like(images)) for images in batches]
+        return batches
+
+
+def _shared_float_like(images: torch.Tensor) -> torch.Tensor:
+    """An uninitialised float32 N x C x H x W tensor with channels-last strides, in shared memory."""
+    n, c, h, w = images.shape
+    storage = torch.empty(0)._typed_storage()._new_shared(n * h * w * c)
+    return torch.empty(0).set_(storage, 0, (n, h, w, c)).permute(0, 3, 1, 2)
 
 
 class _TestImages(torch.utils.data.Dataset):
@@ -216,14 +277,20 @@ class StreamingSource(BatchSource):
 
     def steps(self, requests: Sequence[Sequence[ImageRequest]]) -> Iterator[list[Batch]]:
         encoded = self.decode_device is not None
-        items = _EpochImages(self.train, self.augmentation, requests, encoded)
-        for step, parts in zip(requests, _loader(items, self.workers, self.device.type == "cuda"), strict=True):
+        normalise = (self._mean, self._std) if self.device.type == "cpu" and not encoded else None
+        items = _EpochImages(self.train, self.augmentation, requests, encoded, normalise)
+        release_freed_memory()  # the workers fork from a process holding no freed batches
+        loader = _loader(items, self.workers, self.device.type == "cuda")
+        for n, (step, parts) in enumerate(zip(requests, loader, strict=True)):
             if encoded:
                 parts = [decode_on_device(data, offsets, draws, self.augmentation.image_size, self.decode_device)
                          for (data, offsets), (_, draws) in zip(parts, step, strict=True)]
             yield [self._batch(images, idx) for images, (idx, _) in zip(parts, step, strict=True)]
+            if n % RELEASE_EVERY == RELEASE_EVERY - 1:
+                release_freed_memory()
 
     def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
+        release_freed_memory()
         for images in held_out_batches(self.test, self.eval_fit, batch_size, self.workers, self.device.type == "cuda"):
             yield images.to(self.device, non_blocking=True)
 
