@@ -223,6 +223,7 @@ class _EpochImages(torch.utils.data.Dataset):
                  encoded: bool, normalise: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.files, self.augmentation, self.requests = files, augmentation, requests
         self.encoded, self.normalise = encoded, normalise
+        self.served = 0
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -234,6 +235,9 @@ class _EpochImages(torch.utils.data.Dataset):
         if self.normalise is not None:
             # written straight into shared memory: handing the batch to the trainer then copies nothing
             batches = [normalize(images, *self.normalise, out=_shared_float_like(images)) for images in batches]
+        self.served += 1  # counted per worker process: each has its own copy of this object
+        if self.served % RELEASE_EVERY == 1:
+            release_freed_memory()  # the worker's decode buffers, as the trainer does with its batches
         return batches
 
 
