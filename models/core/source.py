@@ -80,11 +80,9 @@ class BatchSource:
         """The test split in order as uint8 N x 3 x S x S batches on the device."""
         raise NotImplementedError
 
-    def _batch(self, images: torch.Tensor, indices: torch.Tensor) -> Batch:
-        """A step's batch on the device, normalised unless the workers already did (float images)."""
-        x = images.to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = normalize(x, self._mean, self._std)
+    def _batch(self, images: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> Batch:
+        """A step's uint8 images normalised on the device (into `out` when given), with their labels."""
+        x = normalize(images.to(self.device, non_blocking=True), self._mean, self._std, out)
         return Batch(to_model_layout(x, self.device), self._labels[indices.to(self.device, non_blocking=True)])
 
 
@@ -106,7 +104,8 @@ class MemorySource(BatchSource):
         yield from self._test.split(batch_size)
 
 
-def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmentation: Augmentation) -> torch.Tensor:
+def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmentation: Augmentation,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode and augment one request's images from their files: uint8 N x 3 x S x S (channels-last strides).
 
     Pad crops read each image as the in-memory path holds it (`read_rgb`, squashed to S x S) and crop the
@@ -116,8 +115,10 @@ def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmenta
     size = augmentation.image_size
     if isinstance(draws, CropFlip):
         stack = torch.stack([torch.from_numpy(_read(files, int(i), "squash")) for i in indices])
-        return crop_flip(stack, augmentation.padding, draws)
-    out = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
+        cropped = crop_flip(stack, augmentation.padding, draws)
+        return cropped if out is None else out.copy_(cropped)
+    if out is None:
+        out = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
     for k, i in enumerate(indices.tolist()):
         out[k] = _read_resized_crop(files, i, draws, k, size)
     return out
@@ -215,14 +216,12 @@ class _EpochImages(torch.utils.data.Dataset):
     """Item s is step s's requests read from their files (in a worker process); the epoch's requests are
     inherited by the forked workers, only step numbers and finished batches cross between processes.
 
-    Batches come back encoded (for decoding on the GPU), as uint8 pixels (normalised on the training
-    device), or, for a CPU device, already normalised: the workers then do all the per-pixel work in
-    parallel and the training process none."""
+    Batches come back encoded (for decoding on the GPU) or as uint8 pixels written straight into shared
+    memory, so handing them over copies nothing and moves a quarter of the bytes of float pixels."""
 
     def __init__(self, files: FileSet, augmentation: Augmentation, requests: Sequence[Sequence[ImageRequest]],
-                 encoded: bool, normalise: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        self.files, self.augmentation, self.requests = files, augmentation, requests
-        self.encoded, self.normalise = encoded, normalise
+                 encoded: bool) -> None:
+        self.files, self.augmentation, self.requests, self.encoded = files, augmentation, requests, encoded
         self.served = 0
 
     def __len__(self) -> int:
@@ -230,22 +229,23 @@ class _EpochImages(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> list:
         if self.encoded:
-            return [read_bytes(self.files, idx) for idx, _ in self.requests[step]]
-        batches = [read_augmented(self.files, idx, draws, self.augmentation) for idx, draws in self.requests[step]]
-        if self.normalise is not None:
-            # written straight into shared memory: handing the batch to the trainer then copies nothing
-            batches = [normalize(images, *self.normalise, out=_shared_float_like(images)) for images in batches]
+            batches = [read_bytes(self.files, idx) for idx, _ in self.requests[step]]
+        else:
+            size = self.augmentation.image_size
+            batches = [read_augmented(self.files, idx, draws, self.augmentation, out=_shared_uint8(len(idx), size))
+                       for idx, draws in self.requests[step]]
         self.served += 1  # counted per worker process: each has its own copy of this object
         if self.served % RELEASE_EVERY == 1:
             release_freed_memory()  # the worker's decode buffers, as the trainer does with its batches
         return batches
 
 
-def _shared_float_like(images: torch.Tensor) -> torch.Tensor:
-    """An uninitialised float32 N x C x H x W tensor with channels-last strides, in shared memory."""
-    n, c, h, w = images.shape
-    storage = torch.empty(0)._typed_storage()._new_shared(n * h * w * c)
-    return torch.empty(0).set_(storage, 0, (n, h, w, c)).permute(0, 3, 1, 2)
+def _shared_uint8(n: int, size: int) -> torch.Tensor | None:
+    """An uninitialised uint8 N x 3 x S x S tensor in shared memory, in a worker process (else None)."""
+    if torch.utils.data.get_worker_info() is None:
+        return None
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(n * 3 * size * size)
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n, 3, size, size))
 
 
 class _TestImages(torch.utils.data.Dataset):
@@ -278,20 +278,35 @@ class StreamingSource(BatchSource):
         all_jpeg = all(path.lower().endswith(JPEG_SUFFIXES) for path, _ in dataset.train.files)
         wanted = device.type == "cuda" and loader.decode_on_device and augmentation.kind == "resized" and all_jpeg
         self.decode_device = decode_device or (device if wanted else None)
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 
     def steps(self, requests: Sequence[Sequence[ImageRequest]]) -> Iterator[list[Batch]]:
         encoded = self.decode_device is not None
-        normalise = (self._mean, self._std) if self.device.type == "cpu" and not encoded else None
-        items = _EpochImages(self.train, self.augmentation, requests, encoded, normalise)
+        items = _EpochImages(self.train, self.augmentation, requests, encoded)
         release_freed_memory()  # the workers fork from a process holding no freed batches
         loader = _loader(items, self.workers, self.device.type == "cuda")
         for n, (step, parts) in enumerate(zip(requests, loader, strict=True)):
             if encoded:
                 parts = [decode_on_device(data, offsets, draws, self.augmentation.image_size, self.decode_device)
                          for (data, offsets), (_, draws) in zip(parts, step, strict=True)]
-            yield [self._batch(images, idx) for images, (idx, _) in zip(parts, step, strict=True)]
+            yield [self._batch(images, idx, self._reused_buffer(n, r, images))
+                   for r, (images, (idx, _)) in enumerate(zip(parts, step, strict=True))]
             if n % RELEASE_EVERY == RELEASE_EVERY - 1:
                 release_freed_memory()
+
+    def _reused_buffer(self, step: int, request: int, images: torch.Tensor) -> torch.Tensor | None:
+        """On a CPU device, where a step's normalised batch is written: one of two buffers per request,
+        alternating by step, so their pages are touched once per run instead of once per batch. A batch stays
+        valid while its step trains and through the next step; the training loop never holds it longer."""
+        if self.device.type != "cpu":
+            return None  # the copy to the accelerator makes a fresh tensor anyway
+        n, c, h, w = images.shape
+        key = (step % 2, request)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[0] < n or buffer.shape[1:] != (c, h, w):
+            buffer = torch.empty((n, h, w, c)).permute(0, 3, 1, 2)  # channels-last: the CPU model's layout
+            self._buffers[key] = buffer
+        return buffer[:n]
 
     def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
         release_freed_memory()
