@@ -295,3 +295,19 @@ def test_a_streamed_dataset_normalises_with_the_statistics_of_the_images_it_samp
     held = memory.train.images.float() / 255  # this small set is sampled whole
     assert memory.mean == pytest.approx(held.mean(dim=(0, 2, 3)).tolist(), abs=1e-5)
     assert memory.std == pytest.approx(held.std(dim=(0, 2, 3)).tolist(), abs=1e-4)
+
+
+def test_a_streamed_cpu_batch_stays_valid_while_its_step_and_the_next_one_train(png_root):
+    # the trainer normalises into two reused buffers per request, alternating by step
+    dataset = _load(png_root, STREAMING)
+    config = _config(stage1={"batch_size": 16})
+    source = source_for(dataset, config, CPU)
+    steps = Stage1Recipe(config.stage1).draw_epoch(source.train_labels, source.augmentation, 64,
+                                                   epoch_generator(0, 1, 0), CPU)
+    batches = source.steps([s.requests for s in steps])
+    first = next(batches)[0]
+    kept = first.images.clone()
+    second = next(batches)[0]
+    assert torch.equal(first.images, kept) and second.images.data_ptr() != first.images.data_ptr()
+    third = next(batches)[0]
+    assert third.images.data_ptr() == first.images.data_ptr()  # the buffer comes back two steps later
