@@ -27,10 +27,14 @@ def scanning_spec(session: Session, dataset_id: str) -> dict | None:
     return row.spec if row is not None and row.status == DatasetStatus.scanning else None
 
 
+UNREADABLE_LISTED = 1000  # files a dataset row lists of those its scan left out; it counts all of them
+
+
 def scanned(session: Session, dataset_id: str, class_names: list[str], train_counts: list[int],
             test_counts: list[int], unreadable: list[dict]) -> bool:
     return _from_scanning(session, dataset_id, status=DatasetStatus.ready, class_names=class_names,
-                          train_counts=train_counts, test_counts=test_counts, unreadable=unreadable)
+                          train_counts=train_counts, test_counts=test_counts,
+                          unreadable=unreadable[:UNREADABLE_LISTED], unreadable_count=len(unreadable))
 
 
 def scan_failed(session: Session, dataset_id: str, error: str) -> bool:

@@ -68,7 +68,8 @@ class DatasetRow(Base):
     status: Mapped[DatasetStatus] = mapped_column(
         Enum(DatasetStatus, name="dataset_status", native_enum=False, length=16), default=DatasetStatus.ready)
     error: Mapped[str | None] = mapped_column(Text)  # why the scan failed
-    unreadable: Mapped[list | None] = mapped_column(JSON)  # [{path, reason}] the scan left out
+    unreadable: Mapped[list | None] = mapped_column(JSON)  # [{path, reason}]: the first files the scan left out
+    unreadable_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # all it left out
     # last sent to the broker for scanning; a dataset still scanning long after is sent again
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

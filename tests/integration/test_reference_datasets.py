@@ -53,6 +53,7 @@ def test_each_reference_format_registers_scans_ready_and_trains_to_succeeded(cli
         zip(tree.class_names, tree.train_counts, strict=True))
     assert dataset["test_counts"] == [3] * len(tree.class_names) and dataset["num_classes"] == len(tree.class_names)
     assert [u["path"] for u in dataset["unreadable"]] == [f"{tree.folder}/{CORRUPT}"]
+    assert dataset["unreadable_count"] == 1
     assert set(dataset["groups"]) <= {"many", "medium", "few"} and len(dataset["groups"]) == len(tree.class_names)
 
     run = submit_run(client, created["id"])

@@ -13,6 +13,7 @@ from models.contract.config import (
     ListFilesDataset,
     dataset_tag,
 )
+from service.store.datasets import UNREADABLE_LISTED
 from service.store.orm import NAME_LENGTH, DatasetStatus
 
 
@@ -66,7 +67,9 @@ class DatasetPublic(BaseModel):
     status: DatasetStatus = Field(description="scanning (a dataset by reference being read), ready or failed")
     error: str | None = Field(None, description="why the scan failed")
     unreadable: list[UnreadableFilePublic] = Field(
-        default_factory=list, description="files the scan left out (not images, or a header Pillow cannot read)")
+        default_factory=list, description="files the scan left out (not images, or a header Pillow cannot read); "
+        f"the first {UNREADABLE_LISTED} of them")
+    unreadable_count: int = Field(0, description="how many files the scan left out in all")
     num_classes: int
     class_names: list[str]
     train_counts: list[int]

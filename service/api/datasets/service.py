@@ -31,7 +31,7 @@ def to_public(row: DatasetRow) -> DatasetPublic:
         num_classes=len(row.class_names),
         class_names=row.class_names, train_counts=row.train_counts, test_counts=row.test_counts,
         groups=class_groups(row.train_counts), image_size=row.image_size, created_at=row.created_at,
-        status=row.status, error=row.error, unreadable=row.unreadable or [],
+        status=row.status, error=row.error, unreadable=row.unreadable or [], unreadable_count=row.unreadable_count or 0,
     )
 
 
