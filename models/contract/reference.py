@@ -54,7 +54,7 @@ class FileList(Sequence[tuple[str, int]]):
             self.append(path, label)
 
     def append(self, path: str, label: int) -> None:
-        self._blob += path.encode()
+        self._blob += path.encode(errors="surrogateescape")  # a file name that is not UTF-8 round-trips as-is
         self._ends.append(len(self._blob))
         self._labels.append(label)
 
@@ -63,7 +63,7 @@ class FileList(Sequence[tuple[str, int]]):
 
     def path(self, i: int) -> str:
         start = self._ends[i - 1] if i > 0 else 0
-        return self._blob[start:self._ends[i]].decode()
+        return self._blob[start:self._ends[i]].decode(errors="surrogateescape")
 
     @overload
     def __getitem__(self, i: int) -> tuple[str, int]: ...
@@ -117,8 +117,11 @@ def _readable(root: Path, path: Path) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        if not path.resolve().is_relative_to(root):
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
             return "resolves outside the data root"
+        if not resolved.is_file():  # a FIFO or device would block or never end when opened
+            return "not a regular file"
         with Image.open(path) as image:
             width, height = image.size
         if width < 1 or height < 1:
@@ -127,6 +130,8 @@ def _readable(root: Path, path: Path) -> str | None:
         return "not an image Pillow can open"
     except OSError as exc:  # the message, without the server's absolute path
         return f"{type(exc).__name__}: {exc.strerror or exc}"
+    except RuntimeError:  # Path.resolve on a loop of symbolic links
+        return "a loop of symbolic links"
     except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None

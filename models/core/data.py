@@ -264,22 +264,28 @@ def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name:
     def read(pairs: FileList, fit: Fit) -> ImageSet:
         images = torch.empty((len(pairs), 3, image_size, image_size), dtype=torch.uint8)
         for i, (path, _) in enumerate(pairs):
-            try:
-                images[i] = torch.from_numpy(read_rgb(root / path, image_size, fit=fit).copy())
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise ValueError(f"{path} could not be decoded: {exc}") from exc
+            images[i] = torch.from_numpy(_decoded(root / path, path, image_size, fit).copy())
         return ImageSet(images, torch.tensor([label for _, label in pairs], dtype=torch.int64))
 
     train_pairs, test_pairs = index.splits["train"], index.splits["test"]
     sample = stats_sample(len(train_pairs))
     if streaming:
         train = FileSet.from_list(root, train_pairs, image_size)
-        mean, std = accumulated_channel_stats(read_rgb(train.path(i), image_size) for i in sample)
+        mean, std = accumulated_channel_stats(_decoded(train.path(i), train.name(i), image_size) for i in sample)
         test = FileSet.from_list(root, test_pairs, image_size)
         return Dataset(name, index.class_names, train, test, mean, std, eval_fit)
     train = read(train_pairs, "squash")
     mean, std = accumulated_channel_stats(train.images[i].numpy() for i in sample)
     return Dataset(name, index.class_names, train, read(test_pairs, eval_fit), mean, std, eval_fit)
+
+
+def _decoded(path: Path, shown: str, image_size: int, fit: Fit = "squash") -> np.ndarray:
+    """`read_rgb` of a file a scan listed; a file that passed the scan's header check but does not decode
+    fails the run here, naming it (relative to the data root)."""
+    try:
+        return read_rgb(path, image_size, fit=fit)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"{shown} could not be decoded: {exc}") from exc
 
 
 def _reference_name(spec: ReferenceDataset) -> str:

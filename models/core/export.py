@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +96,11 @@ def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[
     overall and per group."""
     spec = ModelSpec(dataset.image_size, tuple(dataset.mean), tuple(dataset.std), tuple(dataset.class_names),
                      tuple(groups), dataset.eval_fit)
-    parity = next(held_out_batches(dataset.test, dataset.eval_fit, PARITY_IMAGES), None)
+    with closing(held_out_batches(dataset.test, dataset.eval_fit, PARITY_IMAGES)) as first:
+        parity = next(first, None)
     result = export_onnx(model, spec, path, parity.numpy() if parity is not None else np.zeros((0, 3, 1, 1), np.uint8))
     session = load_session(path)
-    probs = [run_probabilities(session, uint8_to_input(images.numpy()))
-             for images in held_out_batches(dataset.test, dataset.eval_fit, CALIBRATION_BATCH, workers)]
+    with closing(held_out_batches(dataset.test, dataset.eval_fit, CALIBRATION_BATCH, workers)) as batches:
+        probs = [run_probabilities(session, uint8_to_input(images.numpy())) for images in batches]
     report = evaluate_predictions(np.concatenate(probs), dataset.test.labels.numpy(), groups)
     return ServedModel(result, spec, report)

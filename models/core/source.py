@@ -200,16 +200,40 @@ def read_bytes(files: FileSet, indices: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def decode_on_device(data: torch.Tensor, offsets: torch.Tensor, draws: ResizedCropFlip, size: int,
-                     device: torch.device) -> torch.Tensor:
-    """JPEGs decoded on `device` (nvJPEG on a GPU) in one batched call, then resized-cropped there."""
+                     device: torch.device, names: Sequence[str] = ()) -> torch.Tensor:
+    """JPEGs decoded on `device` (nvJPEG on a GPU) in one batched call, then resized-cropped there. Where the
+    batched call fails, each file is decoded on its own, by Pillow where the device's decoder refuses it (a
+    PNG named .jpg, say); a file neither reads fails the run, naming it (`names`, in batch order)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     blobs = [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
     with warnings.catch_warnings():
         # torchvision deprecates its decoders in favour of TorchCodec; its nvJPEG path still works
         warnings.simplefilter("ignore", DeprecationWarning)
-        images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+        try:
+            images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            images = [_decode_one(blob, device, names[k] if k < len(names) else f"image {k} of the batch")
+                      for k, blob in enumerate(blobs)]
     return resized_crops(images, draws, size)
+
+
+def _decode_one(blob: torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        with Image.open(io.BytesIO(blob.numpy().tobytes())) as image:
+            pixels = np.array(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{name} could not be decoded: {exc}") from exc
+    return torch.from_numpy(pixels).permute(2, 0, 1).to(device)
 
 
 class _EpochImages(torch.utils.data.Dataset):
@@ -260,10 +284,29 @@ class _TestImages(torch.utils.data.Dataset):
         return torch.stack([torch.from_numpy(_read(self.files, i, self.fit)) for i in range(k * self.batch_size, end)])
 
 
-def _loader(items: torch.utils.data.Dataset, workers: int, pin: bool) -> DataLoader:
+def _loader(items: torch.utils.data.Dataset, workers: int, pin: bool) -> Iterator:
+    """The items in order, read by `workers` processes a few items ahead. Whatever ends the iteration (the
+    last item, an error, the consumer closing it) stops the worker processes at once, not when the garbage
+    collector finds them; an error raised in a worker comes back as its own message, not a traceback."""
     # fork: workers share the parent's file list and draws instead of pickling them
     extra = {"prefetch_factor": PREFETCH_BATCHES, "multiprocessing_context": "fork"} if workers else {}
-    return DataLoader(items, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin, **extra)
+    iterator = iter(DataLoader(items, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin, **extra))
+    try:
+        yield from iterator
+    except ValueError as exc:
+        raise ValueError(_worker_message(str(exc))) from exc
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # absent without worker processes
+        if shutdown is not None:
+            shutdown()
+
+
+def _worker_message(message: str) -> str:
+    """'Caught ValueError in DataLoader worker process 0. Original Traceback ... ValueError: <why>' -> '<why>'."""
+    if not message.startswith("Caught "):
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.startswith("ValueError: ") else last
 
 
 class StreamingSource(BatchSource):
@@ -287,8 +330,9 @@ class StreamingSource(BatchSource):
         loader = _loader(items, self.workers, self.device.type == "cuda")
         for n, (step, parts) in enumerate(zip(requests, loader, strict=True)):
             if encoded:
-                parts = [decode_on_device(data, offsets, draws, self.augmentation.image_size, self.decode_device)
-                         for (data, offsets), (_, draws) in zip(parts, step, strict=True)]
+                parts = [decode_on_device(data, offsets, draws, self.augmentation.image_size, self.decode_device,
+                                          [self.train.name(i) for i in idx.tolist()])
+                         for (data, offsets), (idx, draws) in zip(parts, step, strict=True)]
             yield [self._batch(images, idx, self._reused_buffer(n, r, images))
                    for r, (images, (idx, _)) in enumerate(zip(parts, step, strict=True))]
             if n % RELEASE_EVERY == RELEASE_EVERY - 1:
@@ -315,7 +359,7 @@ class StreamingSource(BatchSource):
 
 
 def held_out_batches(split: ImageSet | FileSet, fit: str, batch_size: int, workers: int = 0,
-                 pin: bool = False) -> Iterator[torch.Tensor]:
+                     pin: bool = False) -> Iterator[torch.Tensor]:
     """A test split in order as uint8 CPU batches: sliced from memory, or read from its files by `fit`."""
     if isinstance(split, ImageSet):
         yield from split.images.split(batch_size)

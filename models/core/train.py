@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,8 @@ EVAL_BATCH = 500
 def evaluate(
     model: ImageClassifier, dataset: Dataset, source: BatchSource, groups: list[str], dtype: torch.dtype | None
 ) -> EvaluationReport:
-    probs = predict_probs(model, source.test_images(EVAL_BATCH), dataset.mean, dataset.std, dtype)
+    with closing(source.test_images(EVAL_BATCH)) as batches:  # closed on an error too: no reader left running
+        probs = predict_probs(model, batches, dataset.mean, dataset.std, dtype)
     return evaluate_predictions(probs, source.test_labels.numpy(), groups)
 
 
@@ -115,13 +117,14 @@ def train_epoch(
                               source.device)
     total_loss = torch.zeros((), device=source.device)  # summed on the device: no sync per step
     seen = 0
-    for step, batches in zip(steps, source.steps([step.requests for step in steps]), strict=True):
-        loss = recipe.step_loss(model, step, batches, dtype)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.detach() * step.size
-        seen += step.size
+    with closing(source.steps([step.requests for step in steps])) as loaded:  # closed on an error too
+        for step, batches in zip(steps, loaded, strict=True):
+            loss = recipe.step_loss(model, step, batches, dtype)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach() * step.size
+            seen += step.size
     return float(total_loss) / max(seen, 1), seen
 
 

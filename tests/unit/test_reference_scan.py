@@ -163,3 +163,26 @@ def test_a_file_list_packs_pairs_and_reads_them_back_in_order():
     assert files.labels().tolist() == [3, 0, 7] and files == [("a/ü.jpg", 3), ("b/x y.png", 0), ("c/z.jpg", 7)]
     with pytest.raises(IndexError):
         files[3]
+
+
+def test_a_fifo_and_a_loop_of_links_are_left_out_and_a_name_that_is_not_utf8_is_kept(reference_root, tmp_path):
+    import os
+    import shutil
+
+    from models.contract.config import FolderDataset
+
+    root, tree = reference_root
+    data = tmp_path / "root"
+    shutil.copytree(root / tree.folder, data / "lt")
+    c1 = data / "lt" / "train" / tree.class_names[1]
+    odd = os.fsencode(c1) + b"/odd\xff.jpg"
+    with open(odd, "wb") as f:
+        f.write(next(c1.glob("*.jpg")).read_bytes())
+    os.mkfifo(c1 / "pipe.jpg")  # opening it would block until a writer comes
+    (c1 / "loop.jpg").symlink_to("loop.jpg")
+
+    index = scan_reference(FolderDataset(folder="lt"), data)
+    reasons = {u.path.rsplit("/", 1)[-1]: u.reason for u in index.unreadable}
+    assert reasons["pipe.jpg"] == "not a regular file" and reasons["loop.jpg"] == "a loop of symbolic links"
+    kept = [path for path, _ in index.splits["train"] if path.endswith(".jpg") and "odd" in path]
+    assert len(kept) == 1 and os.fsencode(data / kept[0]) == odd  # the bytes of its name survive the index

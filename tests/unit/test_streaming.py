@@ -7,6 +7,7 @@ the same draws both must give the same batches, bit for bit, and train the same 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,36 @@ def test_a_streamed_cpu_batch_stays_valid_while_its_step_and_the_next_one_train(
     assert torch.equal(first.images, kept) and second.images.data_ptr() != first.images.data_ptr()
     third = next(batches)[0]
     assert third.images.data_ptr() == first.images.data_ptr()  # the buffer comes back two steps later
+
+
+def _children() -> set[int]:
+    import multiprocessing
+
+    return {child.pid for child in multiprocessing.active_children()}
+
+
+def test_a_file_that_stops_decoding_mid_epoch_fails_the_run_naming_it_and_leaves_no_worker_running(
+        reference_root, tmp_path):
+    root, tree = reference_root
+    copy = tmp_path / "root"
+    shutil.copytree(root / tree.folder, copy / "lt")
+    dataset = load_dataset(FolderDataset(folder="lt", image_size=32), copy, loader=STREAMING)
+    victim = dataset.train.name(len(dataset.train) - 1)
+    (copy / victim).write_bytes((copy / victim).read_bytes()[:300])  # truncated after its header
+    before = _children()
+    with pytest.raises(ValueError) as failure:
+        train_two_stage(dataset, _config(), RunFolder(tmp_path / "run"), CPU)
+    assert str(failure.value).startswith(f"{victim} could not be decoded: ") and "Traceback" not in str(failure.value)
+    assert _children() <= before  # the decoding workers were stopped with the error, not left to the collector
+
+
+def test_the_normalisation_sample_names_a_file_that_does_not_decode(reference_root, tmp_path):
+    root, tree = reference_root
+    copy = tmp_path / "root"
+    shutil.copytree(root / tree.folder, copy / "lt")
+    spec = FolderDataset(folder="lt", image_size=32)
+    first = load_dataset(spec, copy, loader=STREAMING).train.name(0)  # a small set is sampled whole
+    data = (copy / first).read_bytes()
+    (copy / first).write_bytes(data[:len(data) // 2])  # the header stays: the scan keeps it
+    with pytest.raises(ValueError, match=f"{first} could not be decoded"):
+        load_dataset(spec, copy, loader=STREAMING)
