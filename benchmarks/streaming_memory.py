@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import resource
 import statistics
 import subprocess
@@ -63,18 +62,6 @@ def hwm_mib() -> float:
 
 # ---------------------------------------------------------------------------------------------- the trees
 
-def _cifar(data_root: Path, split: str):
-    import numpy as np
-
-    base = data_root / "cifar-100-python"
-    with open(base / split, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    with open(base / "meta", "rb") as f:
-        names = pickle.load(f, encoding="latin1")["fine_label_names"]
-    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, np.asarray(batch["fine_labels"]), names
-
-
 def _write_chunk(jobs: list[tuple[str, int, str, int, int]]) -> int:
     from PIL import Image
 
@@ -103,6 +90,8 @@ def build_tree(work: Path, data_root: Path, n: int, processes: int) -> tuple[Pat
     """`work/lt-<n>/{train,test}/<class>/*.jpg`, built only when missing or built with other parameters."""
     import numpy as np
 
+    from models.contract.catalog import cifar100_pixels
+
     params = {"n": n, "classes": CLASSES, "imbalance": IMBALANCE, "sides": [MIN_SIDE, MAX_SIDE],
               "quality": QUALITY, "test": n // 10, "version": 1}
     tree = work / tree_name(n)
@@ -115,7 +104,7 @@ def build_tree(work: Path, data_root: Path, n: int, processes: int) -> tuple[Pat
     jobs = []
     test_counts = [n // 10 // CLASSES + (1 if c < (n // 10) % CLASSES else 0) for c in range(CLASSES)]
     for split, counts in (("train", train_counts(n)), ("test", test_counts)):
-        images, labels, names = _cifar(data_root, split)
+        images, labels, names = cifar100_pixels(data_root, split)
         _PIXELS[split] = (images, labels)
         for c, count in enumerate(counts):
             if count == 0:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import resource
 import shutil
 import statistics
@@ -48,6 +47,7 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.contract.catalog import cifar100_pixels  # noqa: E402
 from models.contract.config import (  # noqa: E402
     AugmentConfig,
     FolderDataset,
@@ -71,16 +71,6 @@ FEATURE_CHANNELS = 2048  # ResNet-50's; stage 1 draws nothing with it
 
 # ---------------------------------------------------------------------------------------------- the tree
 
-def _cifar(data_root: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    base = data_root / "cifar-100-python"
-    with open(base / split, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    with open(base / "meta", "rb") as f:
-        names = pickle.load(f, encoding="latin1")["fine_label_names"]
-    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, np.asarray(batch["fine_labels"]), names
-
-
 def _write_jpeg(job: tuple[np.ndarray, str, int, int, int]) -> int:
     pixels, path, width, height, quality = job
     image = Image.fromarray(pixels).resize((width, height), Image.BILINEAR)
@@ -101,7 +91,7 @@ def build_tree(work: Path, data_root: Path, classes: int, per_class: int, min_si
     rng = np.random.default_rng(seed)
     jobs = []
     for split, per in (("train", per_class), ("test", TEST_PER_CLASS)):
-        images, labels, names = _cifar(data_root, split)
+        images, labels, names = cifar100_pixels(data_root, split)
         for c in range(classes):
             folder = tree / split / names[c]
             folder.mkdir(parents=True)

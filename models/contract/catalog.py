@@ -72,6 +72,15 @@ def unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="latin1")
 
 
+def cifar100_pixels(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """CIFAR-100's `train` or `test` pickle under `root` as (N x 32 x 32 x 3 uint8 RGB, fine labels, class names):
+    the form image files are written from."""
+    base = cifar_folder(root, "cifar100")
+    batch = unpickle(base / split)
+    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(batch["fine_labels"]), list(unpickle(base / "meta")["fine_label_names"])
+
+
 def cifar_folder(root: str | Path, name: str) -> Path:
     if name not in CIFAR_LAYOUT:
         raise ValueError(f"unknown CIFAR variant {name!r}; expected one of {sorted(CIFAR_LAYOUT)}")
