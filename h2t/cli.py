@@ -58,6 +58,9 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
 
+UNREADABLE_SHOWN = 5  # left-out files `h2t train` names on the console
+
+
 def train_command(args: argparse.Namespace) -> int:
     from models.contract.layout import RunFolder
     from models.contract.reporting import epoch_line, group_table
@@ -77,6 +80,11 @@ def train_command(args: argparse.Namespace) -> int:
     print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
           f"{dataset.num_classes} classes, {'streamed from files' if dataset.streams else 'in memory'}, "
           f"device {device}", flush=True)
+    if dataset.unreadable:
+        shown = "; ".join(f"{u.path} ({u.reason})" for u in dataset.unreadable[:UNREADABLE_SHOWN])
+        more = len(dataset.unreadable) - UNREADABLE_SHOWN
+        print(f"left out {len(dataset.unreadable)} unreadable file(s): {shown}"
+              + (f"; and {more} more (all in summary.json)" if more > 0 else ""), flush=True)
 
     log = MetricsLog(folder.metrics_log)
 
@@ -94,6 +102,7 @@ def train_command(args: argparse.Namespace) -> int:
     summary = {
         "dataset": dataset.name, "train_images": len(dataset.train), "test_images": len(dataset.test),
         "train_counts": counts, "groups": result.groups, "device": str(device),
+        "unreadable": [{"path": u.path, "reason": u.reason} for u in dataset.unreadable],
         "config": config.model_dump(mode="json"), "stage1_from": args.stage1_from,
         "stage1_last": result.stage1[-1].model_dump() if result.stage1 else None,
         "stage2_last": result.stage2[-1].model_dump(),
@@ -196,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"h2t {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command != "train":
+            raise
+        # every finished epoch is checkpointed: the same command carries on from the last one
+        print("\nh2t train: interrupted; run the same command again to resume from the last finished epoch",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from models.contract.config import (
 )
 from models.contract.layout import ArtifactLayout
 from models.contract.onnx_model import Fit, read_rgb
-from models.contract.reference import FileList, ScanIndex, scan_reference
+from models.contract.reference import FileList, ScanIndex, UnreadableFile, scan_reference
 
 # The official H2T code normalises both CIFARs with these statistics.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -100,6 +100,7 @@ class Dataset:
     mean: tuple[float, float, float]  # per-channel normalisation, 0..1 pixel scale
     std: tuple[float, float, float]
     eval_fit: Fit = "squash"  # how test images (and served requests) become S x S, see `read_rgb`
+    unreadable: tuple[UnreadableFile, ...] = ()  # files a scan of a dataset by reference left out
 
     @property
     def num_classes(self) -> int:
@@ -273,10 +274,11 @@ def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name:
         train = FileSet.from_list(root, train_pairs, image_size)
         mean, std = accumulated_channel_stats(_decoded(train.path(i), train.name(i), image_size) for i in sample)
         test = FileSet.from_list(root, test_pairs, image_size)
-        return Dataset(name, index.class_names, train, test, mean, std, eval_fit)
+        return Dataset(name, index.class_names, train, test, mean, std, eval_fit, tuple(index.unreadable))
     train = read(train_pairs, "squash")
     mean, std = accumulated_channel_stats(train.images[i].numpy() for i in sample)
-    return Dataset(name, index.class_names, train, read(test_pairs, eval_fit), mean, std, eval_fit)
+    return Dataset(name, index.class_names, train, read(test_pairs, eval_fit), mean, std, eval_fit,
+                   tuple(index.unreadable))
 
 
 def _decoded(path: Path, shown: str, image_size: int, fit: Fit = "squash") -> np.ndarray:

@@ -7,6 +7,7 @@ import yaml
 from h2t.cli import MetricsLog, main
 from models.contract.layout import RunFolder
 from tests.helpers import TINY_DATASET, tiny_run_config
+from tests.reference_data import CORRUPT
 
 TINY = {"dataset": TINY_DATASET, **tiny_run_config(stage1={"epochs": 2}, stage2={"epochs": 1})}
 
@@ -63,7 +64,7 @@ def test_metrics_log_replaces_a_replayed_epoch_instead_of_duplicating_it(tmp_pat
     assert [(r["epoch"], r["loss"]) for r in lines] == [(1, 2.0), (2, 1.4)]
 
 
-def test_train_reads_a_dataset_by_reference_relative_to_the_data_root(tmp_path, reference_root):
+def test_train_reads_a_dataset_by_reference_relative_to_the_data_root(tmp_path, reference_root, capsys):
     root, tree = reference_root
     body = {"dataset": tree.list_files_spec, **tiny_run_config(stage1={"epochs": 1}, stage2={"epochs": 1})}
     out = tmp_path / "out"
@@ -71,4 +72,17 @@ def test_train_reads_a_dataset_by_reference_relative_to_the_data_root(tmp_path, 
                  "--device", "cpu"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_images"] == sum(tree.train_counts)  # the corrupt file is left out
+    assert summary["train_images"] == sum(tree.train_counts)  # the corrupt file is left out, and said so
+    assert [u["path"] for u in summary["unreadable"]] == [f"{tree.folder}/{CORRUPT}"]
+    assert f"left out 1 unreadable file(s): {tree.folder}/{CORRUPT}" in capsys.readouterr().out
+
+
+def test_an_interrupted_train_says_how_to_resume_instead_of_a_traceback(tmp_path, capsys, monkeypatch):
+    import models.core.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models.core.train, "train_two_stage", interrupted)
+    code = main(["train", "--config", str(_config(tmp_path, TINY)), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 130 and "run the same command again to resume" in capsys.readouterr().err
