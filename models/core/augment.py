@@ -156,6 +156,9 @@ def resized_crops(images: list[torch.Tensor] | torch.Tensor, draws: ResizedCropF
     return torch.where(flips, out.flip(-1), out).round_().clamp_(0, 255).to(torch.uint8)
 
 
+Draws = CropFlip | ResizedCropFlip  # an epoch's augmentation draws, of either kind
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """The training augmentation of a run on its data: which kind, at what size, with which parts on."""
@@ -169,12 +172,12 @@ class Augmentation:
     def padding(self) -> int:
         return max(1, self.image_size // 8)  # 4 for 32x32 images, as RandomCrop(32, padding=4)
 
-    def draw(self, n: int, generator: torch.Generator) -> CropFlip | ResizedCropFlip:
+    def draw(self, n: int, generator: torch.Generator) -> Draws:
         if self.kind == "pad":
             return CropFlip.draw(n, self.padding, generator, self.crop, self.flip)
         return ResizedCropFlip.draw(n, generator, self.crop, self.flip)
 
-    def apply(self, images: torch.Tensor, draws: CropFlip | ResizedCropFlip) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
         """uint8 N x 3 x S x S images (held in memory) -> their augmented uint8 batch."""
         if isinstance(draws, CropFlip):
             return crop_flip(images, self.padding, draws)

@@ -32,11 +32,10 @@ from torch.utils.data import DataLoader
 
 from models.contract.config import LoaderConfig, RunConfig
 from models.contract.onnx_model import read_rgb
-from models.core.augment import Augmentation, CropFlip, ResizedCropFlip, crop_flip, normalize, resized_crops
+from models.core.augment import Augmentation, CropFlip, Draws, ResizedCropFlip, crop_flip, normalize, resized_crops
 from models.core.data import Dataset, FileSet, ImageSet
 from models.core.device import to_model_layout
 
-Draws = CropFlip | ResizedCropFlip
 ImageRequest = tuple[torch.Tensor, Draws]  # indices into the training split (CPU), their augmentation draws
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 PREFETCH_BATCHES = 4  # per worker: enough to hide a slow file, bounded so memory is too

@@ -19,13 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.contract.config import Stage1Config, Stage2Config
-from models.core.augment import Augmentation, CropFlip, ResizedCropFlip, mix, mixup_lambda
+from models.core.augment import Augmentation, Draws, mix, mixup_lambda
 from models.core.backbones import ImageClassifier
 from models.core.device import autocast
 from models.core.h2t import class_balanced_indices, fuse_channels, fusion_channels
 from models.core.source import Batch, ImageRequest
-
-Draws = CropFlip | ResizedCropFlip
 
 
 class Step(Protocol):
