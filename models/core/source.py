@@ -105,7 +105,7 @@ class MemorySource(BatchSource):
 
 def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmentation: Augmentation,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode and augment one request's images from their files: uint8 N x 3 x S x S (channels-last strides).
+    """Decode and augment one request's images from their files, into `out` when given: uint8 N x 3 x S x S.
 
     Pad crops read each image as the in-memory path holds it (`read_rgb`, squashed to S x S) and crop the
     stack with the same tensor op, so the pixels are bit-identical. Resized crops decode only as much of a
