@@ -84,6 +84,10 @@ class FileSet:
     def name(self, i: int) -> str:
         return self.files.path(i)
 
+    def read(self, i: int, fit: Fit = "squash") -> np.ndarray:
+        """Image i as uint8 3 x S x S by `fit` (see `read_listed`)."""
+        return read_listed(self.path(i), self.name(i), self.image_size, fit)
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -265,14 +269,14 @@ def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name:
     def read(pairs: FileList, fit: Fit) -> ImageSet:
         images = torch.empty((len(pairs), 3, image_size, image_size), dtype=torch.uint8)
         for i, (path, _) in enumerate(pairs):
-            images[i] = torch.from_numpy(_decoded(root / path, path, image_size, fit).copy())
+            images[i] = torch.from_numpy(read_listed(root / path, path, image_size, fit))
         return ImageSet(images, torch.tensor([label for _, label in pairs], dtype=torch.int64))
 
     train_pairs, test_pairs = index.splits["train"], index.splits["test"]
     sample = stats_sample(len(train_pairs))
     if streaming:
         train = FileSet.from_list(root, train_pairs, image_size)
-        mean, std = accumulated_channel_stats(_decoded(train.path(i), train.name(i), image_size) for i in sample)
+        mean, std = accumulated_channel_stats(train.read(i) for i in sample)
         test = FileSet.from_list(root, test_pairs, image_size)
         return Dataset(name, index.class_names, train, test, mean, std, eval_fit, tuple(index.unreadable))
     train = read(train_pairs, "squash")
@@ -281,11 +285,11 @@ def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name:
                    tuple(index.unreadable))
 
 
-def _decoded(path: Path, shown: str, image_size: int, fit: Fit = "squash") -> np.ndarray:
-    """`read_rgb` of a file a scan listed; a file that passed the scan's header check but does not decode
-    fails the run here, naming it (relative to the data root)."""
+def read_listed(path: Path, shown: str, image_size: int, fit: Fit = "squash") -> np.ndarray:
+    """`read_rgb` of a file a scan listed, as a writable contiguous array; a file that passed the scan's
+    header check but does not decode fails the run here, naming it (`shown`: relative to the data root)."""
     try:
-        return read_rgb(path, image_size, fit=fit)
+        return np.array(read_rgb(path, image_size, fit=fit))
     except (OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"{shown} could not be decoded: {exc}") from exc
 

@@ -31,7 +31,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.contract.config import LoaderConfig, RunConfig
-from models.contract.onnx_model import read_rgb
 from models.core.augment import Augmentation, CropFlip, Draws, ResizedCropFlip, crop_flip, normalize, resized_crops
 from models.core.data import Dataset, FileSet, ImageSet
 from models.core.device import to_model_layout
@@ -113,7 +112,7 @@ def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmenta
     antialiased bilinear filter, which is vectorised for uint8 images."""
     size = augmentation.image_size
     if isinstance(draws, CropFlip):
-        stack = torch.stack([torch.from_numpy(_read(files, int(i), "squash")) for i in indices])
+        stack = torch.stack([torch.from_numpy(files.read(int(i))) for i in indices])
         cropped = crop_flip(stack, augmentation.padding, draws)
         return cropped if out is None else out.copy_(cropped)
     if out is None:
@@ -121,13 +120,6 @@ def read_augmented(files: FileSet, indices: torch.Tensor, draws: Draws, augmenta
     for k, i in enumerate(indices.tolist()):
         out[k] = _read_resized_crop(files, i, draws, k, size)
     return out
-
-
-def _read(files: FileSet, i: int, fit: str) -> np.ndarray:
-    try:
-        return np.array(read_rgb(files.path(i), files.image_size, fit=fit))  # a writable, contiguous copy
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{files.name(i)} could not be decoded: {exc}") from exc
 
 
 def _read_resized_crop(files: FileSet, i: int, draws: ResizedCropFlip, k: int, size: int) -> torch.Tensor:
@@ -280,7 +272,7 @@ class _TestImages(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> torch.Tensor:
         end = min(len(self.files), (k + 1) * self.batch_size)
-        return torch.stack([torch.from_numpy(_read(self.files, i, self.fit)) for i in range(k * self.batch_size, end)])
+        return torch.stack([torch.from_numpy(self.files.read(i, self.fit)) for i in range(k * self.batch_size, end)])
 
 
 def _loader(items: torch.utils.data.Dataset, workers: int, pin: bool) -> Iterator:
@@ -310,7 +302,7 @@ def _worker_message(message: str) -> str:
 
 class StreamingSource(BatchSource):
     def __init__(self, dataset: Dataset, augmentation: Augmentation, device: torch.device,
-                 loader: LoaderConfig, decode_device: torch.device | None = None) -> None:
+                 loader: LoaderConfig) -> None:
         if not isinstance(dataset.train, FileSet) or not isinstance(dataset.test, FileSet):
             raise TypeError("StreamingSource needs a dataset of files")
         super().__init__(dataset, augmentation, device)
@@ -319,7 +311,7 @@ class StreamingSource(BatchSource):
         # nvJPEG where it pays: resized crops of an all-JPEG training split on a CUDA device
         all_jpeg = all(path.lower().endswith(JPEG_SUFFIXES) for path, _ in dataset.train.files)
         wanted = device.type == "cuda" and loader.decode_on_device and augmentation.kind == "resized" and all_jpeg
-        self.decode_device = decode_device or (device if wanted else None)
+        self.decode_device = device if wanted else None
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
 
     def steps(self, requests: Sequence[Sequence[ImageRequest]]) -> Iterator[list[Batch]]:
