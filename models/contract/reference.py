@@ -43,7 +43,7 @@ class UnreadableFile:
 
 class FileList(Sequence[tuple[str, int]]):
     """(path, label) pairs packed into one UTF-8 byte buffer, the offsets that end each path, and the labels:
-    about len(path) + 12 bytes an image. Worker processes forked from a trainer share it as three objects
+    about len(path) + 16 bytes an image. Worker processes forked from a trainer share it as three objects
     instead of touching (and so copying) a Python object per image."""
 
     def __init__(self, pairs: Iterable[tuple[str, int]] = ()) -> None:
