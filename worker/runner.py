@@ -12,12 +12,19 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.core.export import ServedModel
+    from models.core.ranks import Ranks
 
 from models.contract.layout import ONNX_KIND, STAGES, ArtifactLayout, RunFolder, checkpoint_kind
 from models.contract.metrics import EpochMetrics
@@ -99,7 +106,7 @@ def _checkpoint_files(artifacts: ArtifactLayout, folder: RunFolder) -> list[Stor
 
 
 def train_run(run_id: str, settings: Settings, worker_name: str, stop: threading.Event,
-              requeue: Callable[[str], None] = lambda run_id: None) -> Outcome:
+              requeue: Callable[[str, int], None] = lambda run_id, devices: None) -> Outcome:
     """The task body. `stop` is set when this worker must shut down (SIGTERM): training stops after its
     next checkpoint, the run goes back to queued and `requeue` sends it to the broker again."""
     token = str(uuid.uuid4())
@@ -129,13 +136,55 @@ def train_run(run_id: str, settings: Settings, worker_name: str, stop: threading
     return outcome
 
 
-def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: Heartbeat, stop: threading.Event,
-           requeue: Callable[[str], None]) -> Outcome:
+@dataclass(frozen=True)
+class TrainedRun:
+    """What rank 0 hands back after training and exporting a run."""
+
+    served: ServedModel
+    pretrained: str | None  # what loading pretrained weights did, for the log
+
+
+def train_and_export(ranks: Ranks, device: torch.device, on_epoch: Callable[[EpochMetrics], None] | None,
+                     stop_requested: Callable[[], bool], run: ClaimedRun, run_id: str,
+                     settings: Settings) -> TrainedRun | None:
+    """One rank's part of a run (on one device: the whole run): load the dataset, train both stages, and on
+    rank 0 export and calibrate the model. Runs in the worker's process, or in each rank's process."""
     from models.core.data import load_dataset
     from models.core.export import export_and_calibrate
     from models.core.pretrained import WeightSource
     from models.core.source import loader_workers
-    from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device, train_two_stage
+    from models.core.train import train_two_stage
+
+    artifacts, config = settings.artifacts, run.config
+    folder = artifacts.run(run_id)
+    dataset = load_dataset(run.dataset, settings.data_root, artifacts, augment=config.augment, loader=config.loader)
+    result = train_two_stage(dataset, config, folder, device, on_epoch,
+                             artifacts.run(run.stage1_from) if run.stage1_from else None, stop_requested,
+                             WeightSource(settings.data_root, settings.allow_weight_download), ranks)
+    if not ranks.main:
+        return None
+    try:
+        served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx, loader_workers(config.loader))
+    except Exception as exc:
+        raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+    return TrainedRun(served, result.pretrained.summary() if result.pretrained is not None else None)
+
+
+def owned_devices(settings: Settings) -> tuple[int, str]:
+    """(devices this worker process owns, their type): H2T_WORKER_DEVICES, else the GPUs it sees, else 1 CPU."""
+    import torch
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.worker_devices is not None:
+        return settings.worker_devices, device_type
+    return (torch.cuda.device_count() if device_type == "cuda" else 1), device_type
+
+
+def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: Heartbeat, stop: threading.Event,
+           requeue: Callable[[str, int], None]) -> Outcome:
+    from models.core.launch import RankFailed, RankLost, launch
+    from models.core.ranks import SINGLE
+    from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device
 
     def on_epoch(m: EpochMetrics) -> None:
         if beat.lost.is_set():
@@ -147,22 +196,31 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
         if status == RunStatus.cancelling:
             raise TrainingCancelled
 
+    def send_back(release: Callable[[Session], bool], why: str) -> Outcome:
+        if in_store(settings, release, f"releasing run {run_id}"):
+            requeue(run_id, devices)  # after the commit, so the next worker finds it queued
+            log.warning("run %s requeued: %s", run_id, why, extra={"run_id": run_id})
+            return Outcome.requeued
+        ended = in_store(settings, lambda session: runs.get(session, run_id).status, f"reading run {run_id}")
+        log.warning("run %s not requeued (%s): %s", run_id, ended, why, extra={"run_id": run_id})
+        return Outcome(ended.value) if ended in (RunStatus.failed, RunStatus.cancelled) else Outcome.lost
+
     artifacts = settings.artifacts
     folder = artifacts.run(run_id)
+    devices = run.config.devices
     exported, files = None, []
     try:
-        config = run.config
-        dataset = load_dataset(run.dataset, settings.data_root, artifacts, augment=config.augment, loader=config.loader)
-        result = train_two_stage(dataset, run.config, folder, resolve_device(), on_epoch,
-                                 artifacts.run(run.stage1_from) if run.stage1_from else None, stop.is_set,
-                                 WeightSource(settings.data_root, settings.allow_weight_download))
-        if result.pretrained is not None:
-            log.info(result.pretrained.summary(), extra={"run_id": run_id})
-        try:
-            served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx,
-                                          loader_workers(config.loader))
-        except Exception as exc:
-            raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+        owned, device_type = owned_devices(settings)
+        if devices > owned:
+            raise ValueError(f"this run asks for {devices} devices; this worker owns {owned} (H2T_WORKER_DEVICES)")
+        if devices == 1:
+            trained = train_and_export(SINGLE, resolve_device(), on_epoch, stop.is_set, run, run_id, settings)
+        else:
+            log.info("training run %s on %d %s processes", run_id, devices, device_type, extra={"run_id": run_id})
+            trained = launch(devices, device_type, train_and_export, (run, run_id, settings), on_epoch, stop.is_set)
+        if trained.pretrained is not None:
+            log.info(trained.pretrained, extra={"run_id": run_id})
+        served = trained.served
         exported = ExportedModel(_stored(artifacts, ONNX_KIND, served.export.path), served.spec,
                                  served.export.parity_max_abs_diff, served.export.parity_images, served.calibration)
         files = _checkpoint_files(artifacts, folder)
@@ -170,17 +228,20 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     except ClaimLost:
         return Outcome.lost
     except TrainingInterrupted as exc:
-        send_again = in_store(settings, lambda session: runs.release(session, run_id, token),
-                              f"releasing run {run_id}")
-        if send_again:
-            requeue(run_id)  # after the commit, so the next worker finds it queued
-        log.warning("run %s requeued: %s", run_id, exc, extra={"run_id": run_id})
-        return Outcome.requeued
+        return send_back(lambda session: runs.release(session, run_id, token), str(exc))
+    except RankLost as exc:  # like a lost worker: resume from the last checkpoint, up to max_attempts claims
+        lost = str(exc)
+        log.error("run %s: %s", run_id, lost, extra={"run_id": run_id})
+        return send_back(lambda session: runs.release_lost(session, run_id, token, settings.max_attempts, lost), lost)
     except TrainingCancelled:
         status, error = RunStatus.cancelled, None
+    except RankFailed as exc:
+        log.error("run %s failed in %s", run_id, exc.details, extra={"run_id": run_id})
+        status, error = RunStatus.failed, exc.text if exc.type_name == ExportFailed.__name__ else str(exc)
     except Exception as exc:  # the run failed, the worker carries on with the next one
         log.error("run %s failed:\n%s", run_id, traceback.format_exc(), extra={"run_id": run_id})
         status, error = RunStatus.failed, str(exc) if isinstance(exc, ExportFailed) else f"{type(exc).__name__}: {exc}"
+
     def end(session: Session) -> RunStatus | None:
         if exported is not None:
             return runs.succeed(session, run_id, token, exported, files)

@@ -268,6 +268,9 @@ class LoaderConfig(_Frozen):
         return images * 3 * image_size * image_size > self.memory_limit_mb * 2**20
 
 
+MAX_RUN_DEVICES = 64  # one host's GPUs, with room
+
+
 class RunConfig(_Frozen):
     """Everything that determines a two-stage run, except the dataset it runs on."""
 
@@ -277,6 +280,13 @@ class RunConfig(_Frozen):
     groups: GroupConfig = GroupConfig()
     augment: AugmentConfig = AugmentConfig()
     loader: LoaderConfig = LoaderConfig()
+    devices: int = Field(
+        1, ge=1, le=MAX_RUN_DEVICES, description="GPUs of one worker host the run trains on, data-parallel "
+        "(torch.distributed, one process per GPU); on a worker without GPUs, CPU processes. The global batch and "
+        "the sample order are those of one device; a run asking for more than any worker owns is refused")
+    sync_batchnorm: bool = Field(
+        False, description="with devices > 1: BatchNorm statistics over the global batch while training "
+        "(SyncBatchNorm, CUDA only), as on one device; off: each device normalises its own share")
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
     pretrained: PretrainedWeights | None = Field(

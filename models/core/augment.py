@@ -40,6 +40,10 @@ class CropFlip:
         parts = zip(self.top.split(sizes), self.left.split(sizes), self.flip.split(sizes), strict=True)
         return [CropFlip(t, left, f) for t, left, f in parts]
 
+    def take(self, positions: torch.Tensor) -> CropFlip:
+        """The draws at `positions` (a device's share of a batch, or mixup partners)."""
+        return CropFlip(self.top[positions], self.left[positions], self.flip[positions])
+
 
 def crop_flip(images: torch.Tensor, padding: int, draws: CropFlip) -> torch.Tensor:
     """Apply crop (zero fill, as torchvision's RandomCrop) and flip draws to a uint8 N x C x H x W batch."""
@@ -114,6 +118,11 @@ class ResizedCropFlip:
         parts = zip(self.area.split(sizes), self.log_ratio.split(sizes), self.top.split(sizes),
                     self.left.split(sizes), self.flip.split(sizes), strict=True)
         return [ResizedCropFlip(*p) for p in parts]
+
+    def take(self, positions: torch.Tensor) -> ResizedCropFlip:
+        """The draws at `positions` (a device's share of a batch, or mixup partners)."""
+        return ResizedCropFlip(self.area[positions], self.log_ratio[positions], self.top[positions],
+                               self.left[positions], self.flip[positions])
 
     def crop_box(self, i: int, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, width, height) of draw `i` in a width x height image: the first attempt whose box fits,

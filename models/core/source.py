@@ -51,11 +51,13 @@ def augmentation_for(config: RunConfig, image_size: int) -> Augmentation:
                         config.augment.horizontal_flip)
 
 
-def loader_workers(loader: LoaderConfig) -> int:
-    """The decoding processes a loader config asks for; by default the CPUs this process may use, at most 16."""
+def loader_workers(loader: LoaderConfig, ranks: int = 1) -> int:
+    """The decoding processes a loader config asks for (per rank of a data-parallel run); by default the CPUs
+    this process may use, shared by the run's ranks, at most 16."""
     if loader.workers is not None:
         return loader.workers
-    return min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(16, max(1, cpus // ranks))
 
 
 class BatchSource:
@@ -302,12 +304,12 @@ def _worker_message(message: str) -> str:
 
 class StreamingSource(BatchSource):
     def __init__(self, dataset: Dataset, augmentation: Augmentation, device: torch.device,
-                 loader: LoaderConfig) -> None:
+                 loader: LoaderConfig, ranks: int = 1) -> None:
         if not isinstance(dataset.train, FileSet) or not isinstance(dataset.test, FileSet):
             raise TypeError("StreamingSource needs a dataset of files")
         super().__init__(dataset, augmentation, device)
         self.train, self.test, self.eval_fit = dataset.train, dataset.test, dataset.eval_fit
-        self.workers = loader_workers(loader)
+        self.workers = loader_workers(loader, ranks)
         # nvJPEG where it pays: resized crops of an all-JPEG training split on a CUDA device
         all_jpeg = all(path.lower().endswith(JPEG_SUFFIXES) for path, _ in dataset.train.files)
         wanted = device.type == "cuda" and loader.decode_on_device and augmentation.kind == "resized" and all_jpeg
@@ -358,8 +360,9 @@ def held_out_batches(split: ImageSet | FileSet, fit: str, batch_size: int, worke
     yield from _loader(_TestImages(split, fit, batch_size), workers, pin)
 
 
-def source_for(dataset: Dataset, config: RunConfig, device: torch.device) -> BatchSource:
+def source_for(dataset: Dataset, config: RunConfig, device: torch.device, ranks: int = 1) -> BatchSource:
+    """The run's batch source; `ranks`: how many processes of a data-parallel run share the host's CPUs."""
     augmentation = augmentation_for(config, dataset.image_size)
     if isinstance(dataset.train, FileSet):
-        return StreamingSource(dataset, augmentation, device, config.loader)
+        return StreamingSource(dataset, augmentation, device, config.loader, ranks)
     return MemorySource(dataset, augmentation, device)

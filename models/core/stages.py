@@ -11,7 +11,7 @@ ORDER of the draws fixes what a seed trains: reordering them changes every resul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol, TypeVar
 
 import torch
@@ -23,6 +23,7 @@ from models.core.augment import Augmentation, Draws, mix, mixup_lambda
 from models.core.backbones import ImageClassifier
 from models.core.device import autocast
 from models.core.h2t import class_balanced_indices, fuse_channels, fusion_channels
+from models.core.ranks import Ranks, shard_positions
 from models.core.source import Batch, ImageRequest
 
 
@@ -35,6 +36,11 @@ class Step(Protocol):
     @property
     def requests(self) -> list[ImageRequest]:
         """The images the step trains on, one batch each, in the order `step_loss` receives them."""
+        ...
+
+    def shard(self: StepT, ranks: Ranks) -> StepT:
+        """This rank's share of the step in a data-parallel run; its loss sums over the share and divides
+        by the whole step's size, so the ranks' averaged gradient is the one-device gradient."""
         ...
 
 
@@ -51,6 +57,10 @@ class StageRecipe(Protocol[StepT]):
 
     def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]: ...
 
+    def training_module(self, model: ImageClassifier) -> nn.Module:
+        """What a step calls: one module, so DistributedDataParallel can wrap it in a data-parallel run."""
+        ...
+
     def set_modes(self, model: ImageClassifier) -> None: ...
 
     def lr_at(self, epoch: int) -> float: ...
@@ -58,8 +68,22 @@ class StageRecipe(Protocol[StepT]):
     def draw_epoch(self, labels: torch.Tensor, augmentation: Augmentation, feature_channels: int,
                    generator: torch.Generator, device: torch.device) -> list[StepT]: ...
 
-    def step_loss(self, model: ImageClassifier, step: StepT, batches: list[Batch],
-                  dtype: torch.dtype | None) -> torch.Tensor: ...
+    def step_loss(self, net: nn.Module, step: StepT, batches: list[Batch],
+                  dtype: torch.dtype | None) -> torch.Tensor:
+        """The loss of a step (or of a rank's share of it) through `training_module`'s `net`."""
+        ...
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_scale: float | None) -> torch.Tensor:
+    """The mean over a whole step; over a rank's share of it, the sum times `loss_scale`
+    (devices / step size), which the ranks' gradient averaging turns into the whole step's mean."""
+    if loss_scale is None:
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, reduction="sum") * loss_scale
+
+
+def _loss_scale(size: int, ranks: Ranks) -> float:
+    return ranks.world / size
 
 
 @dataclass(frozen=True)
@@ -92,6 +116,10 @@ class Stage1Step:
     indices: torch.Tensor  # into the training set
     crops: Draws
     mixup: Mixup | None  # None without mixup
+    # a rank's share only: the images its images are mixed with (from anywhere in the global batch),
+    # read as a second batch, and the loss scale of `cross_entropy`
+    partners: ImageRequest | None = None
+    loss_scale: float | None = None
 
     @property
     def size(self) -> int:
@@ -99,7 +127,16 @@ class Stage1Step:
 
     @property
     def requests(self) -> list[ImageRequest]:
-        return [(self.indices, self.crops)]
+        return [(self.indices, self.crops)] + ([self.partners] if self.partners is not None else [])
+
+    def shard(self, ranks: Ranks) -> Stage1Step:
+        mine = shard_positions(self.size, ranks)
+        partners = None
+        if self.mixup is not None:
+            theirs = self.mixup.perm.cpu()[mine]
+            partners = (self.indices[theirs], self.crops.take(theirs))
+        return Stage1Step(self.indices[mine], self.crops.take(mine), self.mixup, partners,
+                          _loss_scale(self.size, ranks))
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,9 @@ class Stage1Recipe:
 
     def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]:
         return list(model.parameters())
+
+    def training_module(self, model: ImageClassifier) -> nn.Module:
+        return model
 
     def set_modes(self, model: ImageClassifier) -> None:
         model.train()
@@ -138,16 +178,20 @@ class Stage1Recipe:
             mixups = [Mixup(lam, perm) for lam, perm in zip(lams, perms, strict=True)]
         return [Stage1Step(idx, crops, m) for (idx, crops), m in zip(shuffle.batches(), mixups, strict=True)]
 
-    def step_loss(self, model: ImageClassifier, step: Stage1Step, batches: list[Batch],
+    def step_loss(self, net: nn.Module, step: Stage1Step, batches: list[Batch],
                   dtype: torch.dtype | None) -> torch.Tensor:
-        (batch,) = batches
-        x, y = batch.images, batch.labels
+        x, y = batches[0].images, batches[0].labels
+        scale = step.loss_scale
         with autocast(x.device, dtype):
             if step.mixup is None:
-                return F.cross_entropy(model(x).float(), y)
-            lam, perm = step.mixup.lam, step.mixup.perm
-            logits = model(mix(x, perm, lam)).float()
-            return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+                return cross_entropy(net(x).float(), y, scale)
+            lam = step.mixup.lam
+            if step.partners is None:  # the whole batch: partners are a permutation of it
+                mixed, y_partner = mix(x, step.mixup.perm, lam), y[step.mixup.perm]
+            else:  # a rank's share: the same sums, with partners read as images of their own
+                mixed, y_partner = lam * x + (1.0 - lam) * batches[1].images, batches[1].labels
+            logits = net(mixed).float()
+            return lam * cross_entropy(logits, y, scale) + (1 - lam) * cross_entropy(logits, y_partner, scale)
 
 
 @dataclass(frozen=True)
@@ -164,6 +208,7 @@ class Stage2Step:
     indices: torch.Tensor  # class-balanced: the fused branch x1, which gives the labels
     crops: Draws
     fusion: Fusion | None  # None for cRT/DR (no fusion)
+    loss_scale: float | None = None  # a rank's share only: the scale of `cross_entropy`
 
     @property
     def size(self) -> int:
@@ -173,6 +218,31 @@ class Stage2Step:
     def requests(self) -> list[ImageRequest]:
         x1 = (self.indices, self.crops)
         return [x1] if self.fusion is None else [x1, (self.fusion.indices, self.fusion.crops)]
+
+    def shard(self, ranks: Ranks) -> Stage2Step:
+        # x1's image i is fused with x2's image i: both branches keep the same positions, and every rank
+        # fuses the same channel subset
+        mine = shard_positions(self.size, ranks)
+        fusion = None if self.fusion is None else replace(
+            self.fusion, indices=self.fusion.indices[mine], crops=self.fusion.crops.take(mine))
+        return Stage2Step(self.indices[mine], self.crops.take(mine), fusion, _loss_scale(self.size, ranks))
+
+
+class FusedHead(nn.Module):
+    """Stage 2's step as one module: the frozen backbone's feature maps of x1, with H2T's channels fused
+    in from x2's, then the classifier's logits. Only the head keeps a graph."""
+
+    def __init__(self, model: ImageClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor | None = None,
+                channels: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():  # the backbone is frozen: keep no graph of it
+            maps = self.model.forward_features(x1)
+            if x2 is not None:
+                maps = fuse_channels(maps, self.model.forward_features(x2), channels)
+        return self.model.forward_head(maps)
 
 
 @dataclass(frozen=True)
@@ -186,6 +256,9 @@ class Stage2Recipe:
     def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]:
         model.backbone.requires_grad_(False)  # frozen: no gradient is even computed for it
         return list(model.head.parameters())
+
+    def training_module(self, model: ImageClassifier) -> nn.Module:
+        return FusedHead(model)
 
     def set_modes(self, model: ImageClassifier) -> None:
         model.train()
@@ -211,13 +284,9 @@ class Stage2Recipe:
             fusions = [Fusion(idx, crops, ch) for (idx, crops), ch in zip(instances, channels, strict=True)]
         return [Stage2Step(idx, crops, f) for idx, crops, f in zip(balanced, balanced_crops, fusions, strict=True)]
 
-    def step_loss(self, model: ImageClassifier, step: Stage2Step, batches: list[Batch],
+    def step_loss(self, net: nn.Module, step: Stage2Step, batches: list[Batch],
                   dtype: torch.dtype | None) -> torch.Tensor:
         x1, y = batches[0].images, batches[0].labels
-        device = x1.device
-        with torch.no_grad(), autocast(device, dtype):  # the backbone is frozen: keep no graph of it
-            maps = model.forward_features(x1)
-            if step.fusion is not None:
-                maps = fuse_channels(maps, model.forward_features(batches[1].images), step.fusion.channels)
-        with autocast(device, dtype):
-            return F.cross_entropy(model.forward_head(maps).float(), y)
+        with autocast(x1.device, dtype):
+            logits = net(x1) if step.fusion is None else net(x1, batches[1].images, step.fusion.channels)
+            return cross_entropy(logits.float(), y, step.loss_scale)

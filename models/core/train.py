@@ -26,6 +26,7 @@ from models.core.backbones import ImageClassifier, build_classifier
 from models.core.data import Dataset
 from models.core.device import autocast, to_model_layout
 from models.core.pretrained import PretrainedReport, WeightSource, initialise_from
+from models.core.ranks import SINGLE, Ranks, agree, sum_across
 from models.core.source import BatchSource, source_for
 from models.core.stages import Stage1Recipe, Stage2Recipe, StageRecipe, StepT
 
@@ -110,22 +111,26 @@ def evaluate(
 
 def train_epoch(
     model: ImageClassifier, source: BatchSource, recipe: StageRecipe[StepT], optimizer: torch.optim.Optimizer,
-    generator: torch.Generator, dtype: torch.dtype | None,
+    generator: torch.Generator, dtype: torch.dtype | None, ranks: Ranks = SINGLE, net: torch.nn.Module | None = None,
 ) -> tuple[float, int]:
-    """One pass of a stage; returns (mean loss, images seen). The caller sets the modes first."""
+    """One pass of a stage; returns (mean loss, images seen), both of the whole run (all ranks). The caller
+    sets the modes first. `net` is the recipe's training module, wrapped for data-parallel runs."""
+    net = net if net is not None else recipe.training_module(model)
     steps = recipe.draw_epoch(source.train_labels, source.augmentation, model.feature_channels, generator,
                               source.device)
+    # every rank draws the whole epoch and trains its share of each step
+    trained = [step.shard(ranks) for step in steps] if ranks.parallel else steps
     total_loss = torch.zeros((), device=source.device)  # summed on the device: no sync per step
     seen = 0
-    with closing(source.steps([step.requests for step in steps])) as loaded:  # closed on an error too
-        for step, batches in zip(steps, loaded, strict=True):
-            loss = recipe.step_loss(model, step, batches, dtype)
+    with closing(source.steps([step.requests for step in trained])) as loaded:  # closed on an error too
+        for step, share, batches in zip(steps, trained, loaded, strict=True):
+            loss = recipe.step_loss(net, share, batches, dtype)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.detach() * step.size
+            total_loss += loss.detach() * (step.size / ranks.world)  # the share's part of the step's sum
             seen += step.size
-    return float(total_loss) / max(seen, 1), seen
+    return float(sum_across(total_loss, ranks)) / max(seen, 1), seen
 
 
 def _save_atomic(state: dict, path: Path) -> None:
@@ -150,16 +155,27 @@ class StageResult:
     last_report: EvaluationReport | None  # of the last epoch trained by this call; None if none was
 
 
+def data_parallel(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`net` under DistributedDataParallel: gradients averaged over the ranks in backward, BatchNorm buffers
+    broadcast from rank 0 at each forward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def run_stage(
     model: ImageClassifier, dataset: Dataset, source: BatchSource, config: RunConfig, recipe: StageRecipe[StepT],
     folder: RunFolder, on_epoch: EpochCallback | None = None, dtype: torch.dtype | None = None,
-    stop_requested: Callable[[], bool] | None = None,
+    stop_requested: Callable[[], bool] | None = None, ranks: Ranks = SINGLE,
 ) -> StageResult:
     """Train one stage to its last epoch, resuming from its checkpoint in `folder` when there is one.
 
     After each epoch: evaluate, report through `on_epoch` (which may raise TrainingCancelled),
     then checkpoint. Reporting before checkpointing means a crash in between replays the epoch
     and reports it again, never skips a report; consumers key reports by (stage, epoch).
+
+    In a data-parallel run every rank trains its share of each step; rank 0 alone evaluates, reports
+    and checkpoints, and its `stop_requested` decides for all ranks.
     """
     stage, stage_config = recipe.stage, recipe.config
     checkpoint_path = folder.checkpoint(stage)
@@ -176,6 +192,9 @@ def run_stage(
         torch.set_rng_state(state["torch_rng"].cpu())
         start_epoch = state["epoch"]
         history = [EpochMetrics.model_validate(m) for m in state["history"]]
+    net = recipe.training_module(model)  # after trained_parameters: DDP syncs what requires a gradient
+    if ranks.parallel:
+        net = data_parallel(net, source.device)
 
     for epoch in range(start_epoch, stage_config.epochs):
         lr = recipe.lr_at(epoch)
@@ -183,29 +202,32 @@ def run_stage(
             group["lr"] = lr
         recipe.set_modes(model)
         started = time.perf_counter()
-        loss, seen = train_epoch(model, source, recipe, optimizer, epoch_generator(config.seed, stage, epoch), dtype)
+        loss, seen = train_epoch(model, source, recipe, optimizer, epoch_generator(config.seed, stage, epoch), dtype,
+                                 ranks, net)
         seconds = time.perf_counter() - started
-        report = evaluate(model, dataset, source, groups, dtype)
-        g = report.groups
-        metrics = EpochMetrics(
-            stage=stage, epoch=epoch + 1, epochs=stage_config.epochs, loss=loss, lr=lr, top1=report.top1,
-            many=g["many"].accuracy, medium=g["medium"].accuracy, few=g["few"].accuracy,
-            ece=g["overall"].ece, ece_many=g["many"].ece, ece_medium=g["medium"].ece, ece_few=g["few"].ece,
-            train_seconds=seconds, images_per_second=seen / seconds if seconds > 0 else 0.0,
-        )
-        if on_epoch is not None:
-            on_epoch(metrics)
-        history.append(metrics)
-        _save_atomic({
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "history": [m.model_dump() for m in history],
-            "meta": {"backbone": config.backbone, "num_classes": dataset.num_classes, "dataset": dataset.name,
-                     "stage": stage, "epochs": stage_config.epochs},
-        }, checkpoint_path)
-        if stop_requested is not None and stop_requested():
+        if ranks.main:
+            report = evaluate(model, dataset, source, groups, dtype)
+            g = report.groups
+            metrics = EpochMetrics(
+                stage=stage, epoch=epoch + 1, epochs=stage_config.epochs, loss=loss, lr=lr, top1=report.top1,
+                many=g["many"].accuracy, medium=g["medium"].accuracy, few=g["few"].accuracy,
+                ece=g["overall"].ece, ece_many=g["many"].ece, ece_medium=g["medium"].ece, ece_few=g["few"].ece,
+                train_seconds=seconds, images_per_second=seen / seconds if seconds > 0 else 0.0,
+            )
+            if on_epoch is not None:
+                on_epoch(metrics)
+            history.append(metrics)
+            _save_atomic({
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "history": [m.model_dump() for m in history],
+                "meta": {"backbone": config.backbone, "num_classes": dataset.num_classes, "dataset": dataset.name,
+                         "stage": stage, "epochs": stage_config.epochs},
+            }, checkpoint_path)
+        # rank 0 decides, after its checkpoint, and every rank stops at this same epoch
+        if agree(stop_requested is not None and stop_requested(), ranks, source.device):
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1} of stage {stage}, checkpoint saved")
     return StageResult(history, report)
 
@@ -215,7 +237,7 @@ class TwoStageResult:
     model: ImageClassifier
     stage1: list[EpochMetrics]
     stage2: list[EpochMetrics]
-    report: EvaluationReport  # the last epoch of stage 2 on the evaluation split
+    report: EvaluationReport | None  # the last epoch of stage 2 on the evaluation split; None on ranks but 0
     groups: list[str]
     pretrained: PretrainedReport | None = None  # what this call loaded before a fresh stage 1
 
@@ -239,13 +261,21 @@ def train_two_stage(
     dataset: Dataset, config: RunConfig, folder: RunFolder, device: torch.device | None = None,
     on_epoch: EpochCallback | None = None, stage1_from: RunFolder | None = None,
     stop_requested: Callable[[], bool] | None = None, weights: WeightSource | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TwoStageResult:
     """Stage 1 (or a finished one reused from `stage1_from`), then stage 2; resumable in `folder`.
 
     A run with `pretrained` weights loads them (found through `weights`) into the freshly built model
     only when stage 1 starts from scratch: a stage-1 checkpoint to resume from, or a reused stage 1,
-    wins, so a resumed run ends exactly as an uninterrupted one."""
+    wins, so a resumed run ends exactly as an uninterrupted one.
+
+    In a data-parallel run (`ranks`, inside a process group that `models.core.launch` set up) every rank
+    calls this; with `sync_batchnorm` BatchNorm layers normalise over the global batch while training."""
     device = device or resolve_device()
+    synced = ranks.parallel and config.sync_batchnorm
+    if synced and device.type != "cuda":
+        raise ValueError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no CPU implementation); "
+                         "turn it off to train on CPU processes")
     dtype = autocast_dtype(config.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -255,7 +285,9 @@ def train_two_stage(
     model = build_classifier(config.backbone, dataset.num_classes).to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    source = source_for(dataset, config, device)
+    if synced:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state_dict keys
+    source = source_for(dataset, config, device, ranks.world)
     stage1, stage2 = Stage1Recipe(config.stage1), Stage2Recipe(config.stage2)
     pretrained = None
     if config.pretrained is not None and stage1_from is None and not folder.checkpoint(stage1.stage).exists():
@@ -267,15 +299,21 @@ def train_two_stage(
         stage1_history = [EpochMetrics.model_validate(m) for m in state["history"]]
     else:
         stage1_history = run_stage(model, dataset, source, config, stage1, folder, on_epoch, dtype,
-                                   stop_requested).history
+                                   stop_requested, ranks).history
 
     if not folder.checkpoint(stage2.stage).exists():
         # stage 2 starts from the stage-1 weights (backbone and classifier) of the final stage-1 epoch
         stage1_folder = stage1_from if stage1_from is not None else folder
         model.load_state_dict(load_checkpoint(stage1_folder.checkpoint(stage1.stage), device)["model"])
-    stage2_result = run_stage(model, dataset, source, config, stage2, folder, on_epoch, dtype, stop_requested)
+    stage2_result = run_stage(model, dataset, source, config, stage2, folder, on_epoch, dtype, stop_requested,
+                              ranks)
 
+    if synced:  # what is exported and served is the plain model
+        plain = build_classifier(config.backbone, dataset.num_classes).to(device)
+        plain.load_state_dict(model.state_dict())
+        model = plain
     groups = run_groups(dataset, config)
-    # the last epoch's evaluation, unless this call resumed a stage 2 that had already finished
-    report = stage2_result.last_report or evaluate(model, dataset, source, groups, dtype)
+    report = None
+    if ranks.main:  # the last epoch's evaluation, unless this call resumed a stage 2 that had already finished
+        report = stage2_result.last_report or evaluate(model, dataset, source, groups, dtype)
     return TwoStageResult(model, stage1_history, stage2_result.history, report, groups, pretrained)

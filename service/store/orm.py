@@ -155,3 +155,16 @@ class ModelRow(Base):
     groups: Mapped[list] = mapped_column(JSON)
     calibration: Mapped[dict] = mapped_column(JSON)  # overall/many/medium/few: n, accuracy, ece, bins
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerRow(Base):
+    """A training worker process as it last announced itself: how many devices it owns, so a run asking for
+    more than any worker owns is refused at submission."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)  # host:pid
+    devices: Mapped[int] = mapped_column(Integer)
+    device_type: Mapped[str] = mapped_column(String(16))  # cuda | cpu
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

@@ -29,8 +29,18 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_training(app: Celery, settings: Settings, run_id: str) -> None:
-    app.send_task(TRAIN_TASK, args=[run_id], queue=settings.queue_name)
+def training_queue(settings: Settings, devices: int) -> str:
+    """The queue of runs asking for `devices`: a worker consumes the queues of every size up to what it owns,
+    so a run never reaches a worker too small for it."""
+    return settings.queue_name if devices == 1 else f"{settings.queue_name}.devices-{devices}"
+
+
+def training_queues(settings: Settings, owned: int) -> list[str]:
+    return [training_queue(settings, devices) for devices in range(1, owned + 1)]
+
+
+def enqueue_training(app: Celery, settings: Settings, run_id: str, devices: int = 1) -> None:
+    app.send_task(TRAIN_TASK, args=[run_id], queue=training_queue(settings, devices))
 
 
 def enqueue_scan(app: Celery, settings: Settings, dataset_id: str) -> None:

@@ -51,6 +51,11 @@ def cancel(session: Session, run_id: str) -> RunRow:
     return row
 
 
+def requested_devices(session: Session, run_id: str) -> int:
+    """The devices a run asks for (which queue it goes to)."""
+    return RunConfig.model_validate(get(session, run_id).config).devices
+
+
 def fail_unsent(session: Session, run_id: str, error: str) -> None:
     """A queued run whose task never reached the broker: it would never start, so it fails."""
     _transition(session, run_id, RunStatus.queued, status=RunStatus.failed, error=error, finished_at=utcnow())
@@ -195,6 +200,19 @@ def release(session: Session, run_id: str, token: str) -> bool:
     _transition(session, run_id, RunStatus.cancelling, token, status=RunStatus.cancelled, finished_at=utcnow(),
                 claim_token=None)
     return False
+
+
+def release_lost(session: Session, run_id: str, token: str, max_attempts: int, error: str) -> bool:
+    """A claimed run lost a training process (a rank died): back to the queue to resume from its last
+    checkpoint, as when its worker is lost, or failed with `error` after max_attempts claims. True when it
+    should be sent to the broker again."""
+    row = get(session, run_id)
+    if row.status == RunStatus.running and row.attempts >= max_attempts:
+        message = f"{error} (attempt {row.attempts} of {max_attempts})"
+        _transition(session, run_id, RunStatus.running, token, status=RunStatus.failed, error=message,
+                    finished_at=utcnow(), claim_token=None)
+        return False
+    return release(session, run_id, token)
 
 
 def sweep_stale(session: Session, now: datetime, timeout_s: float, max_attempts: int,

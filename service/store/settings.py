@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.contract.config import MAX_RUN_DEVICES
 from models.contract.layout import ArtifactLayout
 
 DEFAULT_HOME = Path("./h2t-data")
@@ -57,6 +58,16 @@ class Settings(BaseSettings):
         "(a broker restart or a failed claim may have lost its message; one claim wins, extra messages are skipped)")
     max_attempts: int = Field(3, ge=1, description="claims of one run before a lost worker marks it failed")
     sweep_interval_s: float = Field(30.0, gt=0, description="how often stale runs are looked for")
+
+    worker_devices: int | None = Field(
+        None, ge=1, le=MAX_RUN_DEVICES, description="devices one worker process owns: it takes runs asking for up "
+        "to this many and trains them data-parallel; default: the GPUs it sees (CUDA_VISIBLE_DEVICES), or 1 without "
+        "CUDA (set it to train a run on several CPU processes)")
+    worker_processes: int = Field(
+        1, ge=1, le=64, description="worker processes `h2t worker` starts on this host's devices, each taking its own "
+        "runs: above 1, small runs share a GPU (each process must fit its runs in the GPU's memory)")
+    worker_seen_within_s: float = Field(
+        86400.0, gt=0, description="a worker not heard of for this long no longer counts when a run asks for devices")
 
     @model_validator(mode="before")
     @classmethod

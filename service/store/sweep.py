@@ -35,6 +35,7 @@ def sweep_once(settings: Settings, celery: Celery) -> list[str]:
         with session_scope(url) as session:
             requeued = runs.sweep_stale(session, now, settings.heartbeat_timeout_s, settings.max_attempts,
                                         settings.resend_after_s, back_at)
+            devices = {run_id: runs.requested_devices(session, run_id) for run_id in requeued}
             scans = datasets.unsent_scans(session, now, settings.resend_after_s)
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
         _store_back_at[url] = None
@@ -43,7 +44,7 @@ def sweep_once(settings: Settings, celery: Celery) -> list[str]:
         _store_back_at[url] = back_at
     for run_id in requeued:
         try:
-            enqueue_training(celery, settings, run_id)
+            enqueue_training(celery, settings, run_id, devices[run_id])
         except Exception:  # the run stays queued in the store: a later sweep sends it again
             log.exception("could not send run %s to the broker", run_id, extra={"run_id": run_id})
             continue

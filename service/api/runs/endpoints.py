@@ -22,10 +22,10 @@ log = logging.getLogger("h2t.api")
              summary="Queue a two-stage training run")
 def create_run(body: RunCreate, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                _: ApiKey) -> RunPublic:
-    row = service.create(session, body, settings.data_root)
+    row = service.create(session, body, settings)
     session.commit()  # the worker must find the row: enqueue only after the commit
     try:
-        enqueue_training(request.app.state.celery, settings, row.id)
+        enqueue_training(request.app.state.celery, settings, row.id, body.devices)
     except Exception as exc:  # the broker is down: say so, and leave no run that will never start
         log.exception("could not enqueue run %s", row.id)
         runs.fail_unsent(session, row.id, f"broker unreachable: {exc}")

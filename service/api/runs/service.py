@@ -12,9 +12,11 @@ from models.contract.config import ReferenceDataset, RunConfig
 from models.contract.pretrained import PretrainedFile, resolve_in_root
 from service.api.datasets.service import get as get_dataset
 from service.api.runs.schemas import MetricPublic, RunCreate, RunPublic
+from service.store import workers
 from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
 from service.store.orm import DatasetStatus, MetricRow, ModelRow, RunRow, RunStatus, utcnow
 from service.store.runs import get
+from service.store.settings import Settings
 
 
 def metric_public(row: MetricRow) -> MetricPublic:
@@ -62,13 +64,14 @@ def check_pretrained_file(config: RunConfig, data_root: Path) -> None:
         raise InvalidInput(f"pretrained.file: no file {config.pretrained.file!r} under the data root")
 
 
-def create(session: Session, body: RunCreate, data_root: Path) -> RunRow:
+def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
     dataset = get_dataset(session, body.dataset_id)
     if dataset.status != DatasetStatus.ready:
         raise ResourceConflict(f"dataset {dataset.id} is {dataset.status}, not ready"
                                + (f": {dataset.error}" if dataset.error else ""))
     config = RunConfig.model_validate(body.model_dump(exclude={"dataset_id", "stage1_from"}))
-    check_pretrained_file(config, data_root)
+    check_pretrained_file(config, settings.data_root)
+    workers.check_devices(session, config.devices, utcnow(), settings.worker_seen_within_s)
     try:
         config.loader.streams(0, 1, isinstance(dataset.dataset_spec(), ReferenceDataset))
     except ValueError as exc:

@@ -1,0 +1,177 @@
+"""Start a data-parallel run's ranks as processes of one torch.distributed group, and supervise them.
+
+`launch(world, device_type, job, args, on_epoch, stop_requested)` spawns `world` processes (a fresh
+interpreter each, safe beside the caller's threads) that call `job(ranks, device, on_epoch, stop_requested,
+*args)` on devices cuda:0..N-1 (NCCL), or on the CPU (gloo). The caller's process stays the supervisor:
+
+- rank 0 reports each epoch to it and waits until the caller's `on_epoch` has recorded it (which may raise,
+  e.g. to cancel: the ranks are then ended), so a report is never lost to a crash after its checkpoint;
+- the caller's `stop_requested` reaches rank 0, which stops every rank after its next checkpoint
+  (`TrainingInterrupted` is raised here once they have);
+- a rank that raises ends the run with its message (`RankFailed`); a rank that dies without one (killed,
+  out of memory) ends it with `RankLost`: the others are killed within a poll interval either way, and
+  the last checkpoint stays valid for a resume;
+- no rank outlives the supervisor: each is killed by the kernel when its parent dies, and every exit of
+  `launch` (return, exception, KeyboardInterrupt) kills and reaps whatever is still running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from models.contract.metrics import EpochMetrics
+from models.core.ranks import Ranks
+
+R = TypeVar("R")
+POLL_S = 0.2  # how soon a dead rank, a stop request or a finished run is noticed
+COLLECTIVE_TIMEOUT = timedelta(hours=2)  # a rank waits this long for the others (rank 0 evaluates meanwhile)
+_PR_SET_PDEATHSIG = 1
+
+
+class RankFailed(Exception):
+    """A rank raised an exception: the run fails with its message."""
+
+    def __init__(self, rank: int, type_name: str, text: str, details: str) -> None:
+        super().__init__(f"{type_name}: {text}" if rank == 0 else f"rank {rank}: {type_name}: {text}")
+        self.rank, self.type_name, self.text, self.details = rank, type_name, text, details
+
+
+class RankLost(Exception):
+    """A rank died without raising (killed, out of memory): the run can resume from its last checkpoint."""
+
+    def __init__(self, rank: int, exitcode: int) -> None:
+        how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with code {exitcode}"
+        super().__init__(f"training process of rank {rank} {how}")
+        self.rank, self.exitcode = rank, exitcode
+
+
+def _die_with(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so a killed worker leaves no rank."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the supervisor's cleanup still ends the ranks
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _rank_main(rank: int, world: int, rendezvous: str, device_type: str, conn: multiprocessing.connection.Connection,
+               stop: Any, parent_pid: int, job: Callable[..., Any], args: tuple) -> None:
+    _die_with(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops the ranks
+    import torch
+    import torch.distributed as dist
+
+    from models.core.train import TrainingInterrupted
+
+    ranks = Ranks(rank, world)
+    if device_type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // world))  # the ranks share the host's cores
+
+    def report(metrics: EpochMetrics) -> None:
+        conn.send(("epoch", metrics.model_dump()))
+        conn.recv()  # the supervisor has recorded it (or kills this process)
+
+    try:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{rendezvous}",
+                                rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            result = job(ranks, device, report if ranks.main else None, stop.is_set, *args)
+        finally:
+            dist.destroy_process_group()
+        conn.send(("done", result if ranks.main else None))
+    except TrainingInterrupted as exc:
+        conn.send(("interrupted", str(exc)))
+    except BaseException as exc:  # noqa: BLE001 - whatever it was, the supervisor reports it
+        conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def launch(world: int, device_type: str, job: Callable[..., R], args: tuple,
+           on_epoch: Callable[[EpochMetrics], None] | None = None,
+           stop_requested: Callable[[], bool] = lambda: False) -> R:
+    """Run `job` on `world` ranks and return rank 0's result (see the module's docstring). `job` and `args`
+    must pickle (a module-level function and plain data)."""
+    from models.core.train import TrainingInterrupted
+
+    if device_type == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < world:
+            raise ValueError(f"this run needs {world} GPUs; this process sees {torch.cuda.device_count()}")
+    context = multiprocessing.get_context("spawn")
+    folder = tempfile.mkdtemp(prefix="h2t-ranks-")
+    stop = context.Event()
+    links = [context.Pipe() for _ in range(world)]
+    processes = [
+        context.Process(target=_rank_main, name=f"h2t-rank-{rank}", daemon=False, args=(
+            rank, world, os.path.join(folder, "rendezvous"), device_type, links[rank][1], stop, os.getpid(),
+            job, args))
+        for rank in range(world)
+    ]
+    results: dict[int, Any] = {}
+    try:
+        for process in processes:
+            process.start()
+        for _, child_end in links:
+            child_end.close()
+        while len(results) < world:
+            if stop_requested():
+                stop.set()
+            waiting = [links[r][0] for r in range(world) if r not in results]
+            multiprocessing.connection.wait(waiting + [processes[r].sentinel for r in range(world)
+                                                       if r not in results], timeout=POLL_S)
+            for rank in range(world):
+                if rank in results:
+                    continue
+                conn = links[rank][0]
+                while rank not in results and conn.poll():
+                    try:
+                        message = conn.recv()
+                    except EOFError:  # the rank died: judged by its exit code below
+                        break
+                    kind = message[0]
+                    if kind == "epoch":
+                        if on_epoch is not None:
+                            on_epoch(EpochMetrics.model_validate(message[1]))
+                        conn.send("recorded")
+                    elif kind == "done":
+                        results[rank] = message[1]
+                    elif kind == "interrupted":
+                        raise TrainingInterrupted(message[1])
+                    else:
+                        raise RankFailed(rank, *message[1:])
+                if rank not in results and processes[rank].exitcode is not None:
+                    raise RankLost(rank, processes[rank].exitcode)
+        return results[0]
+    finally:
+        _end_all(processes)
+        for parent_end, _ in links:
+            parent_end.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _end_all(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """Kill every rank still running and reap them all: nothing outlives `launch`."""
+    for process in processes:
+        if process.pid is not None and process.exitcode is None:
+            process.kill()
+    for process in processes:
+        if process.pid is not None:
+            process.join()
