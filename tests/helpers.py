@@ -119,3 +119,34 @@ def metric_sample(text: str, sample: str) -> float:
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == sample]
     assert len(values) == 1, f"{sample} appears {len(values)} times in the metrics"
     return values[0]
+
+
+def live_descendants(pid: int | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process below `pid` (default: this one), read from /proc, except
+    multiprocessing's resource tracker, which lives as long as its parent by design. Zombies count as gone."""
+    import os
+
+    root = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # it ended while we looked
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":
+            children.setdefault(int(parent), []).append(int(entry))
+            commands[int(entry)] = command
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        child = todo.pop()
+        todo.extend(children.get(child, []))
+        if "resource_tracker" not in commands[child]:
+            found.append((child, commands[child]))
+    return found

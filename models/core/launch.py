@@ -21,6 +21,7 @@ import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -66,6 +67,11 @@ def _die_with(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _send(conn: multiprocessing.connection.Connection, message: tuple) -> None:
+    # plain pickle: tensors travel by value, not as shared memory that dies with the rank
+    conn.send_bytes(pickle.dumps(message))
+
+
 def _rank_main(rank: int, world: int, rendezvous: str, device_type: str, conn: multiprocessing.connection.Connection,
                stop: Any, parent_pid: int, job: Callable[..., Any], args: tuple) -> None:
     _die_with(parent_pid)
@@ -85,8 +91,8 @@ def _rank_main(rank: int, world: int, rendezvous: str, device_type: str, conn: m
         torch.set_num_threads(max(1, cpus // world))  # the ranks share the host's cores
 
     def report(metrics: EpochMetrics) -> None:
-        conn.send(("epoch", metrics.model_dump()))
-        conn.recv()  # the supervisor has recorded it (or kills this process)
+        _send(conn, ("epoch", metrics.model_dump()))
+        conn.recv_bytes()  # the supervisor has recorded it (or kills this process)
 
     try:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{rendezvous}",
@@ -95,11 +101,11 @@ def _rank_main(rank: int, world: int, rendezvous: str, device_type: str, conn: m
             result = job(ranks, device, report if ranks.main else None, stop.is_set, *args)
         finally:
             dist.destroy_process_group()
-        conn.send(("done", result if ranks.main else None))
+        _send(conn, ("done", result if ranks.main else None))
     except TrainingInterrupted as exc:
-        conn.send(("interrupted", str(exc)))
+        _send(conn, ("interrupted", str(exc)))
     except BaseException as exc:  # noqa: BLE001 - whatever it was, the supervisor reports it
-        conn.send(("error", type(exc).__name__, str(exc), traceback.format_exc()))
+        _send(conn, ("error", type(exc).__name__, str(exc), traceback.format_exc()))
         raise SystemExit(1) from None
 
 
@@ -143,14 +149,14 @@ def launch(world: int, device_type: str, job: Callable[..., R], args: tuple,
                 conn = links[rank][0]
                 while rank not in results and conn.poll():
                     try:
-                        message = conn.recv()
+                        message = pickle.loads(conn.recv_bytes())
                     except EOFError:  # the rank died: judged by its exit code below
                         break
                     kind = message[0]
                     if kind == "epoch":
                         if on_epoch is not None:
                             on_epoch(EpochMetrics.model_validate(message[1]))
-                        conn.send("recorded")
+                        conn.send_bytes(b"recorded")
                     elif kind == "done":
                         results[rank] = message[1]
                     elif kind == "interrupted":
