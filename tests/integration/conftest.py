@@ -208,13 +208,14 @@ class WorkerProcess:
                 self.process.wait()
 
 
-def spawn_worker(settings: Settings, log_path: Path) -> WorkerProcess:
-    """A real `python -m h2t worker` process configured by `settings`, logging to `log_path`."""
+def spawn_worker(settings: Settings, log_path: Path, **env: str) -> WorkerProcess:
+    """A real `python -m h2t worker` process configured by `settings` and extra `H2T_*` variables `env`,
+    logging to `log_path`."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "h2t", "worker"],
             cwd=REPO,
-            env=settings_env(settings),
+            env={**settings_env(settings), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -222,11 +223,11 @@ def spawn_worker(settings: Settings, log_path: Path) -> WorkerProcess:
 
 
 @pytest.fixture
-def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[[], WorkerProcess]]:
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start() -> WorkerProcess:
-        worker = spawn_worker(settings, tmp_path / f"worker-{len(started)}.log")
+    def start(**env: str) -> WorkerProcess:
+        worker = spawn_worker(settings, tmp_path / f"worker-{len(started)}.log", **env)
         started.append(worker)
         return worker
 
