@@ -52,6 +52,11 @@ class PilCifar(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def make_model(num_classes: int, device: torch.device, channels_last: bool = True):
     torch.manual_seed(0)
     model = build_classifier("resnet32", num_classes).to(device)
@@ -89,6 +94,7 @@ def time_reference(subset: ImageSet, batch: int, workers: int, dtype, device, nu
     for x, y in loader:
         step(model, optimizer, x.to(device), y.to(device), dtype, device, generator, channels_last)
         seen += len(y)
+    synchronize(device)
     return seen / (time.perf_counter() - started)
 
 
@@ -106,9 +112,11 @@ def time_model_only(steps: int, batch: int, dtype, device, num_classes: int) -> 
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(batch, 3, 32, 32, generator=gen).to(device) for _ in range(4)]
     ys = [torch.randint(0, num_classes, (batch,), generator=gen).to(device) for _ in range(4)]
+    synchronize(device)
     started = time.perf_counter()
     for i in range(steps):
         step(model, optimizer, xs[i % 4], ys[i % 4], dtype, device, gen)
+    synchronize(device)  # a GPU runs behind the host: time the work, not its queueing
     return steps * batch / (time.perf_counter() - started)
 
 

@@ -61,6 +61,15 @@ class MetricsLog:
 UNREADABLE_SHOWN = 5  # left-out files `h2t train` names on the console
 
 
+def train_locally(ranks, device, on_epoch, stop_requested, config, data_root, folder, stage1_from, weights):
+    """One rank of `h2t train` on several devices: rank 0's result is the run's."""
+    from models.core.data import load_dataset
+    from models.core.train import train_two_stage
+
+    dataset = load_dataset(config.dataset, data_root, augment=config.augment, loader=config.loader)
+    return train_two_stage(dataset, config, folder, device, on_epoch, stage1_from, stop_requested, weights, ranks)
+
+
 def train_command(args: argparse.Namespace) -> int:
     from models.contract.layout import RunFolder
     from models.contract.reporting import epoch_line, group_table
@@ -93,9 +102,16 @@ def train_command(args: argparse.Namespace) -> int:
         print(epoch_line(m), flush=True)
 
     started = time.perf_counter()
-    result = train_two_stage(dataset, config, folder, device, on_epoch,
-                             RunFolder(Path(args.stage1_from)) if args.stage1_from else None,
-                             weights=WeightSource(Path(data_root), settings.allow_weight_download))
+    stage1_from = RunFolder(Path(args.stage1_from)) if args.stage1_from else None
+    weights = WeightSource(Path(data_root), settings.allow_weight_download)
+    if config.devices == 1:
+        result = train_two_stage(dataset, config, folder, device, on_epoch, stage1_from, weights=weights)
+    else:
+        from models.core.launch import launch
+
+        print(f"training on {config.devices} {device.type} processes (data-parallel)", flush=True)
+        result = launch(config.devices, device.type, train_locally, (config, data_root, folder, stage1_from, weights),
+                        on_epoch)
     if result.pretrained is not None:
         print(result.pretrained.summary(), flush=True)
     counts = dataset.train_counts()

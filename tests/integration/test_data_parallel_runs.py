@@ -134,3 +134,32 @@ def test_cancel_and_sigterm_reach_every_rank(client, settings, start_worker):
     run = wait_for_run(client, stopped, {"queued"}, timeout=30)
     assert run["epoch"] >= 1 and "requeued" in worker.log()
     assert settings.artifacts.run(stopped).checkpoint(1).exists()
+
+
+def _worker_children(parent_pid: int) -> list[int]:
+    """The `h2t worker` processes a worker with H2T_WORKER_PROCESSES started."""
+    return sorted(pid for pid, command in live_descendants(parent_pid)
+                  if command.endswith("h2t worker --log-level INFO") and pid != parent_pid)
+
+
+def test_worker_processes_share_a_device_train_runs_at_once_and_stop_together(client, settings, start_worker):
+    worker = start_worker(H2T_WORKER_PROCESSES="2")
+    children = wait_for(lambda: len(_worker_children(worker.process.pid)) == 2 and _worker_children(
+        worker.process.pid), 60, "two worker processes")
+    dataset_id = create_tiny_dataset(client)
+    ids = [submit_run(client, dataset_id, stage1={"epochs": 8})["id"] for _ in range(2)]
+
+    def both_running() -> bool:
+        runs = [client.get(f"/v1/runs/{run_id}").json() for run_id in ids]
+        return all(r["status"] == "running" and r["epoch"] >= 1 for r in runs) and len({r["worker"] for r in runs}) == 2
+
+    wait_for(both_running, 120, "both runs training at once, each by its own process")
+    os.kill(children[0], signal.SIGKILL)  # a process that dies on its own is started again
+    wait_for(lambda: len(_worker_children(worker.process.pid)) == 2
+             and _worker_children(worker.process.pid) != children, 30, "the killed process to be replaced")
+    for run_id in ids:  # the killed process's run is requeued by the sweep once its heartbeat is stale
+        wait_for_run(client, run_id, {"succeeded"})
+
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=60) == 0
+    assert not live_descendants(worker.process.pid)

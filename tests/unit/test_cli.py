@@ -6,7 +6,7 @@ import yaml
 
 from h2t.cli import MetricsLog, main
 from models.contract.layout import RunFolder
-from tests.helpers import TINY_DATASET, tiny_run_config
+from tests.helpers import TINY_DATASET, live_descendants, tiny_run_config
 from tests.reference_data import CORRUPT
 
 TINY = {"dataset": TINY_DATASET, **tiny_run_config(stage1={"epochs": 2}, stage2={"epochs": 1})}
@@ -40,6 +40,21 @@ def test_train_writes_metrics_per_epoch_summary_and_checkpoints(tmp_path, capsys
     assert code == 0
     rows = [json.loads(line) for line in RunFolder(tmp_path / "crt").metrics_log.read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [(2, 1)]
+
+
+def test_train_on_two_cpu_processes_writes_what_one_process_writes(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["train", "--config", str(_config(tmp_path, TINY)), "--out", str(out), "--set", "devices=2",
+                 "--device", "cpu"])
+    assert code == 0
+    folder = RunFolder(out)
+    rows = [json.loads(line) for line in folder.metrics_log.read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(1, 1), (1, 2), (2, 1)]
+    assert json.loads(folder.summary.read_text())["config"]["devices"] == 2
+    assert folder.checkpoint(2).exists()
+    printed = capsys.readouterr().out
+    assert "training on 2 cpu processes" in printed and "few" in printed.splitlines()[-1]
+    assert not live_descendants()
 
 
 @pytest.mark.parametrize("body, message", [

@@ -17,6 +17,8 @@ from h2t.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_SETS = [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.multi-gpu.yml"],
+                ["docker-compose.yml", "docker-compose.data-parallel.yml"],
+                ["docker-compose.yml", "docker-compose.shared-gpu.yml"],
                 ["docker-compose.yml", "docker-compose.cluster.yml"], ["docker-compose.worker-host.yml"]]
 DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
 

@@ -126,9 +126,10 @@ def test_a_stop_request_checkpoints_requeues_and_the_next_delivery_resumes(setti
     run_id = _queued_run(settings, **TINY)
     stop, sent = threading.Event(), []
     stop.set()  # as SIGTERM does: stop after the next checkpoint
-    assert runner.train_run(run_id, settings, "w1", stop, sent.append) == runner.Outcome.requeued
+    assert runner.train_run(run_id, settings, "w1", stop, lambda *sent_run: sent.append(sent_run)) == \
+        runner.Outcome.requeued
     assert (_run(settings, run_id).stage, _run(settings, run_id).total_epochs) == (1, 2)
-    assert sent == [run_id]
+    assert sent == [(run_id, 1)]  # (run, devices): to the queue of runs on one device
     run = _run(settings, run_id)
     assert (run.status, run.stage, run.epoch, run.claim_token) == (RunStatus.queued, 1, 1, None)
     assert runner.train_run(run_id, settings, "w2", threading.Event()) == runner.Outcome.succeeded
