@@ -163,3 +163,18 @@ def test_worker_processes_share_a_device_train_runs_at_once_and_stop_together(cl
     worker.process.send_signal(signal.SIGTERM)
     assert worker.process.wait(timeout=60) == 0
     assert not live_descendants(worker.process.pid)
+
+
+def test_a_killed_worker_takes_its_training_ranks_with_it_at_once(client, settings, start_worker):
+    worker = _start_two_device_worker(settings, start_worker)
+    # CIFAR-100-LT: epochs long enough (many seconds) that ranks left to themselves would train on
+    created = client.post("/v1/datasets", json={"builtin": "cifar100", "imbalance_factor": 0.01})
+    assert created.status_code == 201, created.text
+    run_id = submit_run(client, created.json()["id"], devices=2, stage1={"epochs": 3, "batch_size": 128})["id"]
+    ranks = _started_training(client, run_id, worker.process.pid)
+    time.sleep(1.0)  # well inside the second epoch
+    worker.process.kill()  # no warning, no cleanup: the kernel ends the ranks (their parent-death signal)
+    worker.process.wait()
+    killed_at = time.monotonic()
+    wait_for(lambda: not any(_alive(pid) for pid in ranks), 10, "the orphaned ranks to end", interval=0.05)
+    assert time.monotonic() - killed_at < 2
