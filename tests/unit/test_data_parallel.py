@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.contract.config import BuiltinDataset, RunConfig
+from models.contract.config import BuiltinDataset, LoaderConfig, RunConfig
 from models.contract.layout import RunFolder
 from models.contract.metrics import EpochMetrics
 from models.core.backbones import build_classifier
@@ -168,4 +168,26 @@ def test_sync_batchnorm_on_cpu_processes_fails_with_a_clear_message(tmp_path):
     config = CONFIG.model_copy(update={"sync_batchnorm": True})
     with pytest.raises(RankFailed, match="sync_batchnorm needs CUDA devices"):
         launch(2, "cpu", _two_stages, (str(tmp_path / "run"), config))
+    assert not live_descendants()
+
+
+def _files_two_stages(ranks: Ranks, device: torch.device, on_epoch: object, stop: object, root: str, folder: str,
+                      loader: LoaderConfig) -> dict[str, torch.Tensor]:
+    from tests.unit.test_streaming import _load
+
+    config = RunConfig.model_validate(tiny_run_config(precision="fp32", loader=loader.model_dump(),
+                                                      stage1={"epochs": 2}, stage2={"epochs": 1, "rho": 0.5}))
+    result = train_two_stage(_load(Path(root), loader), config, RunFolder(Path(folder)), device, on_epoch, None, stop,
+                             ranks=ranks)
+    return {name: value.clone() for name, value in result.model.state_dict().items()}
+
+
+def test_two_ranks_streaming_from_files_train_what_two_ranks_train_in_memory(tmp_path):
+    from tests.unit.test_streaming import _write_png_tree
+
+    _write_png_tree(tmp_path)
+    streamed = launch(2, "cpu", _files_two_stages, (str(tmp_path), str(tmp_path / "streamed"),
+                                                    LoaderConfig(mode="streaming", workers=1)))
+    held = launch(2, "cpu", _files_two_stages, (str(tmp_path), str(tmp_path / "held"), LoaderConfig(mode="memory")))
+    assert all(torch.equal(streamed[name], held[name]) for name in held)
     assert not live_descendants()
