@@ -120,6 +120,28 @@ def time_model_only(steps: int, batch: int, dtype, device, num_classes: int) -> 
     return steps * batch / (time.perf_counter() - started)
 
 
+def time_model_variant(steps: int, batch: int, dtype, device, num_classes: int, channels_last: bool,
+                       compiled: bool) -> float:
+    """The model step alone in another memory layout or compiled (torch.compile "reduce-overhead": CUDA graphs
+    on a GPU), to measure which pays before it becomes a run setting."""
+    model, optimizer = make_model(num_classes, device, channels_last=False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model, mode="reduce-overhead") if compiled else model
+    gen = torch.Generator().manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    xs = [torch.randn(batch, 3, 32, 32, generator=gen).to(device).contiguous(memory_format=layout) for _ in range(4)]
+    ys = [torch.randint(0, num_classes, (batch,), generator=gen).to(device) for _ in range(4)]
+    for i in range(3):  # compilation and graph capture happen here, not in the timed steps
+        step(forward, optimizer, xs[i % 4], ys[i % 4], dtype, device, gen, channels_last=False)
+    synchronize(device)
+    started = time.perf_counter()
+    for i in range(steps):
+        step(forward, optimizer, xs[i % 4], ys[i % 4], dtype, device, gen, channels_last=False)
+    synchronize(device)
+    return steps * batch / (time.perf_counter() - started)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -130,6 +152,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                         help="DataLoader workers for the reference loop (the official CIFAR configs use 0)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time the model step alone in the other memory layout and under torch.compile")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -147,6 +171,12 @@ def main() -> int:
         subset_images, args.batch_size, 0, dtype, device, classes, channels_last=True)
     candidates["ours (tensor data path)"] = lambda: time_ours(subset, args.batch_size, dtype, device, classes)
     candidates["model step alone"] = lambda: time_model_only(args.steps, args.batch_size, dtype, device, classes)
+    if args.variants:
+        other = device.type != "cpu"  # the layout the loop does not use on this device (CPU: channels_last)
+        candidates[f"model step alone, {'channels_last' if other else 'NCHW'}"] = lambda: time_model_variant(
+            args.steps, args.batch_size, dtype, device, classes, channels_last=other, compiled=False)
+        candidates["model step alone, torch.compile"] = lambda: time_model_variant(
+            args.steps, args.batch_size, dtype, device, classes, channels_last=device.type == "cpu", compiled=True)
 
     time_model_only(3, args.batch_size, dtype, device, classes)  # warm-up: allocator, oneDNN kernels
     rates: dict[str, list[float]] = {name: [] for name in candidates}

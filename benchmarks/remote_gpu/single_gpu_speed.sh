@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$res
 python3 benchmarks/remote_gpu/pack_cifar100_lt.py unpack "$work/cifar100_lt.xz" /tmp/data || exit 1
 gpus=$(nvidia-smi -L | wc -l)
 
-python3 benchmarks/train_throughput.py --data-root /tmp/data --device cuda --precision bf16 --workers 4 \
+python3 benchmarks/train_throughput.py --data-root /tmp/data --device cuda --precision bf16 --workers 4 --variants \
     --steps 80 --rounds 3 2>&1 | tee "$results/train_throughput.txt"
 
 started=$(date +%s.%N)
