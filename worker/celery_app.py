@@ -75,11 +75,20 @@ def _sweep_periodically(settings: Settings, app: Celery, devices: int, device_ty
     itself again."""
     stop = threading.Event()
     while not stop.wait(settings.sweep_interval_s):
-        try:
-            announce(settings, devices, device_type)
-            sweep_once(settings, app)
-        except Exception:
-            log.exception("stale-run sweep failed")
+        _sweep_and_announce(settings, app, devices, device_type)
+
+
+def _sweep_and_announce(settings: Settings, app: Celery, devices: int, device_type: str) -> None:
+    # each on its own: a sweep must run (and fail) while the store is down, so that it knows the outage
+    # when judging heartbeats afterwards (service/store/sweep.py)
+    try:
+        sweep_once(settings, app)
+    except Exception:
+        log.exception("stale-run sweep failed")
+    try:
+        announce(settings, devices, device_type)
+    except Exception:
+        log.exception("could not announce this worker's devices to the store")
 
 
 RESTART_DELAY_S = 5.0  # before a worker process that died is started again
@@ -133,11 +142,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
     @worker_ready.connect(weak=False)
     def _on_ready(**_: object) -> None:
         _stop_after_checkpoint_on_sigterm(stop)
-        try:
-            announce(settings, devices, device_type)
-            sweep_once(settings, app)
-        except Exception:
-            log.exception("start-up sweep failed")
+        _sweep_and_announce(settings, app, devices, device_type)
         threading.Thread(target=_sweep_periodically, args=(settings, app, devices, device_type), daemon=True,
                          name="sweeper").start()
 
