@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.contract.config import BuiltinDataset, RunConfig  # noqa: E402
 from models.core.backbones import build_classifier  # noqa: E402
 from models.core.data import Dataset, ImageSet, load_dataset  # noqa: E402
-from models.core.launch import launch  # noqa: E402
+from models.core.launch import TrainingHooks, launch  # noqa: E402
 from models.core.ranks import SINGLE, Ranks  # noqa: E402
 from models.core.source import source_for  # noqa: E402
 from models.core.stages import Stage1Recipe  # noqa: E402
@@ -44,7 +44,7 @@ def cifar_subset(data_root: str, images: int) -> Dataset:
     return Dataset(full.name, full.class_names, train, full.test, full.mean, full.std)
 
 
-def stage1_images_per_second(ranks: Ranks, device: torch.device, on_epoch: object, stop: object, data_root: str,
+def stage1_images_per_second(ranks: Ranks, device: torch.device, hooks: TrainingHooks, data_root: str,
                              images: int, config: RunConfig) -> float:
     """One rank's part: a warm-up epoch, then the timed one; rank 0's figure is the run's."""
     dataset = cifar_subset(data_root, images)
@@ -83,7 +83,7 @@ def main() -> int:
     config = RunConfig.model_validate({"precision": args.precision, "stage1": {"batch_size": 128}})
     job_args = (args.data_root, args.images, config)
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
-    rows = {"1 rank, in process": lambda: stage1_images_per_second(SINGLE, device, None, None, *job_args)}
+    rows = {"1 rank, in process": lambda: stage1_images_per_second(SINGLE, device, TrainingHooks(), *job_args)}
     for world in args.ranks:
         label = f"{world} rank{'s' if world > 1 else ''}, launched"
         rows[label] = lambda world=world: launch(world, args.device, stage1_images_per_second, job_args)

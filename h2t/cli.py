@@ -59,20 +59,22 @@ class MetricsLog:
 
 
 UNREADABLE_SHOWN = 5  # left-out files `h2t train` names on the console
+PROGRESS_PRINT_S = 15.0  # inside an epoch, `h2t train` prints where it stands at most this often
 
 
-def train_locally(ranks, device, on_epoch, stop_requested, config, data_root, folder, stage1_from, weights):
+def train_locally(ranks, device, hooks, config, data_root, folder, stage1_from, weights):
     """One rank of `h2t train` on several devices: rank 0's result is the run's."""
     from models.core.data import load_dataset
     from models.core.train import train_two_stage
 
     dataset = load_dataset(config.dataset, data_root, augment=config.augment, loader=config.loader)
-    return train_two_stage(dataset, config, folder, device, on_epoch, stage1_from, stop_requested, weights, ranks)
+    return train_two_stage(dataset, config, folder, device, hooks.on_epoch, stage1_from, hooks.stop_requested, weights,
+                           ranks, hooks.on_progress)
 
 
 def train_command(args: argparse.Namespace) -> int:
     from models.contract.layout import RunFolder
-    from models.contract.reporting import epoch_line, group_table
+    from models.contract.reporting import epoch_line, group_table, progress_line
     from models.core.data import load_dataset
     from models.core.pretrained import WeightSource
     from models.core.train import resolve_device, train_two_stage
@@ -101,17 +103,25 @@ def train_command(args: argparse.Namespace) -> int:
         log.write(m.model_dump())
         print(epoch_line(m), flush=True)
 
+    printed_at = [time.monotonic()]
+
+    def on_progress(p) -> None:  # a line inside a long epoch, not one per report
+        if time.monotonic() - printed_at[0] >= PROGRESS_PRINT_S:
+            printed_at[0] = time.monotonic()
+            print(progress_line(p), flush=True)
+
     started = time.perf_counter()
     stage1_from = RunFolder(Path(args.stage1_from)) if args.stage1_from else None
     weights = WeightSource(Path(data_root), settings.allow_weight_download)
     if config.devices == 1:
-        result = train_two_stage(dataset, config, folder, device, on_epoch, stage1_from, weights=weights)
+        result = train_two_stage(dataset, config, folder, device, on_epoch, stage1_from, weights=weights,
+                                 on_progress=on_progress)
     else:
-        from models.core.launch import launch
+        from models.core.launch import TrainingHooks, launch
 
         print(f"training on {config.devices} {device.type} processes (data-parallel)", flush=True)
         result = launch(config.devices, device.type, train_locally, (config, data_root, folder, stage1_from, weights),
-                        on_epoch)
+                        TrainingHooks(on_epoch, on_progress))
     if result.pretrained is not None:
         print(result.pretrained.summary(), flush=True)
     counts = dataset.train_counts()

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
     import torch
 
     from models.core.export import ServedModel
+    from models.core.launch import TrainingHooks
     from models.core.ranks import Ranks
 
 from models.contract.layout import ONNX_KIND, STAGES, ArtifactLayout, RunFolder, checkpoint_kind
-from models.contract.metrics import EpochMetrics
+from models.contract.metrics import EpochMetrics, StepProgress
 from models.contract.onnx_model import sha256_file
 from service.store import runs
 from service.store.db import session_scope
@@ -144,8 +145,7 @@ class TrainedRun:
     pretrained: str | None  # what loading pretrained weights did, for the log
 
 
-def train_and_export(ranks: Ranks, device: torch.device, on_epoch: Callable[[EpochMetrics], None] | None,
-                     stop_requested: Callable[[], bool], run: ClaimedRun, run_id: str,
+def train_and_export(ranks: Ranks, device: torch.device, hooks: TrainingHooks, run: ClaimedRun, run_id: str,
                      settings: Settings) -> TrainedRun | None:
     """One rank's part of a run (on one device: the whole run): load the dataset, train both stages, and on
     rank 0 export and calibrate the model. Runs in the worker's process, or in each rank's process."""
@@ -158,9 +158,9 @@ def train_and_export(ranks: Ranks, device: torch.device, on_epoch: Callable[[Epo
     artifacts, config = settings.artifacts, run.config
     folder = artifacts.run(run_id)
     dataset = load_dataset(run.dataset, settings.data_root, artifacts, augment=config.augment, loader=config.loader)
-    result = train_two_stage(dataset, config, folder, device, on_epoch,
-                             artifacts.run(run.stage1_from) if run.stage1_from else None, stop_requested,
-                             WeightSource(settings.data_root, settings.allow_weight_download), ranks)
+    result = train_two_stage(dataset, config, folder, device, hooks.on_epoch,
+                             artifacts.run(run.stage1_from) if run.stage1_from else None, hooks.stop_requested,
+                             WeightSource(settings.data_root, settings.allow_weight_download), ranks, hooks.on_progress)
     if not ranks.main:
         return None
     try:
@@ -182,7 +182,8 @@ def owned_devices(settings: Settings) -> tuple[int, str]:
 
 def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: Heartbeat, stop: threading.Event,
            requeue: Callable[[str, int], None]) -> Outcome:
-    from models.core.launch import RankFailed, RankLost, launch
+    from models.contract.reporting import epoch_line
+    from models.core.launch import RankFailed, RankLost, TrainingHooks, launch
     from models.core.ranks import SINGLE
     from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device
 
@@ -191,6 +192,21 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
             raise ClaimLost
         status = in_store(settings, lambda session: runs.record_epoch(session, run_id, token, m),
                           f"recording epoch {m.epoch} of stage {m.stage} of run {run_id}")
+        log.info("run %s %s", run_id, epoch_line(m), extra={"run_id": run_id})
+        if status is None:
+            raise ClaimLost
+        if status == RunStatus.cancelling:
+            raise TrainingCancelled
+
+    def on_progress(p: StepProgress) -> None:  # every few seconds inside an epoch: a cancel stops between steps
+        if beat.lost.is_set():
+            raise ClaimLost
+        try:  # one try, no retries: progress is best effort, the epoch's record is what must land
+            with session_scope(settings.database_url) as session:
+                status = runs.record_progress(session, run_id, token, p)
+        except sqlalchemy.exc.SQLAlchemyError:
+            log.warning("could not record the progress of run %s", run_id, extra={"run_id": run_id})
+            return
         if status is None:
             raise ClaimLost
         if status == RunStatus.cancelling:
@@ -213,11 +229,12 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
         owned, device_type = owned_devices(settings)
         if devices > owned:
             raise ValueError(f"this run asks for {devices} devices; this worker owns {owned} (H2T_WORKER_DEVICES)")
+        hooks = TrainingHooks(on_epoch, on_progress, stop.is_set)
         if devices == 1:
-            trained = train_and_export(SINGLE, resolve_device(), on_epoch, stop.is_set, run, run_id, settings)
+            trained = train_and_export(SINGLE, resolve_device(), hooks, run, run_id, settings)
         else:
             log.info("training run %s on %d %s processes", run_id, devices, device_type, extra={"run_id": run_id})
-            trained = launch(devices, device_type, train_and_export, (run, run_id, settings), on_epoch, stop.is_set)
+            trained = launch(devices, device_type, train_and_export, (run, run_id, settings), hooks)
         if trained.pretrained is not None:
             log.info(trained.pretrained, extra={"run_id": run_id})
         served = trained.served

@@ -65,6 +65,21 @@ class EpochMetrics(_Record):
     images_per_second: float
 
 
+class StepProgress(_Record):
+    """Where a training run stands inside an epoch, as the trainer reports it every few seconds: served with
+    the run (GET /v1/runs/{id}) and as its event stream's progress events."""
+
+    stage: int
+    epoch: int = Field(description="1-based: the epoch under way")
+    epochs: int = Field(description="epochs of this stage")
+    step: int = Field(description="steps of this epoch done")
+    steps: int = Field(description="steps of this epoch")
+    images_per_second: float = Field(description="training images per second over this epoch so far")
+    stage_eta_s: float = Field(description="estimated seconds until this stage's last epoch is evaluated")
+    run_eta_s: float = Field(description="estimated seconds until both stages are done; during stage 1, stage 2's "
+                             "epochs are counted at stage 1's epoch time (an upper estimate)")
+
+
 def reliability_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> tuple[ReliabilityBin, ...]:
     """Equal-width bins (lower, upper] over [0, 1] of the max softmax probability."""
     if n_bins < 1:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.contract.metrics import GROUP_NAMES, EpochMetrics, EvaluationReport
+from models.contract.metrics import GROUP_NAMES, EpochMetrics, EvaluationReport, StepProgress
 
 
 def group_rows_table(
@@ -30,3 +30,16 @@ def epoch_line(m: EpochMetrics) -> str:
     return (f"stage {m.stage} epoch {m.epoch:>3}/{m.epochs} loss {m.loss:.4f} lr {m.lr:.5f} "
             f"top1 {100 * m.top1:5.2f} many {100 * m.many:5.2f} med {100 * m.medium:5.2f} "
             f"few {100 * m.few:5.2f} ECE {100 * m.ece:5.2f} ({m.images_per_second:.0f} img/s)")
+
+
+def duration(seconds: float) -> str:
+    """3h05m, 12m40s or 9s."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(p: StepProgress) -> str:
+    return (f"stage {p.stage} epoch {p.epoch:>3}/{p.epochs} step {p.step}/{p.steps} "
+            f"{p.images_per_second:.0f} img/s, stage ETA {duration(p.stage_eta_s)}, run ETA {duration(p.run_eta_s)}")

@@ -1,11 +1,13 @@
 """Start a data-parallel run's ranks as processes of one torch.distributed group, and supervise them.
 
-`launch(world, device_type, job, args, on_epoch, stop_requested)` spawns `world` processes (a fresh
-interpreter each, safe beside the caller's threads) that call `job(ranks, device, on_epoch, stop_requested,
-*args)` on devices cuda:0..N-1 (NCCL), or on the CPU (gloo). The caller's process stays the supervisor:
+`launch(world, device_type, job, args, hooks)` spawns `world` processes (a fresh interpreter each, safe
+beside the caller's threads) that call `job(ranks, device, hooks, *args)` on devices cuda:0..N-1 (NCCL), or
+on the CPU (gloo), where rank 0's `hooks` pass its reports on to the caller's. The caller's process stays the
+supervisor:
 
 - rank 0 reports each epoch to it and waits until the caller's `on_epoch` has recorded it (which may raise,
   e.g. to cancel: the ranks are then ended), so a report is never lost to a crash after its checkpoint;
+  progress inside an epoch goes the same way without the wait (`on_progress` may raise to cancel too);
 - the caller's `stop_requested` reaches rank 0, which stops every rank after its next checkpoint
   (`TrainingInterrupted` is raised here once they have);
 - a rank that raises ends the run with its message (`RankFailed`); a rank that dies without one (killed,
@@ -27,16 +29,26 @@ import signal
 import tempfile
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from models.contract.metrics import EpochMetrics
+from models.contract.metrics import EpochMetrics, StepProgress
 from models.core.ranks import Ranks
 
 R = TypeVar("R")
 POLL_S = 0.2  # how soon a dead rank, a stop request or a finished run is noticed
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # a rank waits this long for the others (rank 0 evaluates meanwhile)
 _PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class TrainingHooks:
+    """How a training reports to whoever runs it, and learns it should stop (after its next checkpoint)."""
+
+    on_epoch: Callable[[EpochMetrics], None] | None = None
+    on_progress: Callable[[StepProgress], None] | None = None
+    stop_requested: Callable[[], bool] = lambda: False
 
 
 class RankFailed(Exception):
@@ -90,15 +102,21 @@ def _rank_main(rank: int, world: int, rendezvous: str, device_type: str, conn: m
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cpus // world))  # the ranks share the host's cores
 
-    def report(metrics: EpochMetrics) -> None:
+    def report_epoch(metrics: EpochMetrics) -> None:
         _send(conn, ("epoch", metrics.model_dump()))
         conn.recv_bytes()  # the supervisor has recorded it (or kills this process)
+
+    def report_progress(progress: StepProgress) -> None:
+        _send(conn, ("progress", progress.model_dump()))
+
+    hooks = TrainingHooks(report_epoch, report_progress, stop.is_set) if ranks.main else TrainingHooks(
+        stop_requested=stop.is_set)
 
     try:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{rendezvous}",
                                 rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
         try:
-            result = job(ranks, device, report if ranks.main else None, stop.is_set, *args)
+            result = job(ranks, device, hooks, *args)
         finally:
             dist.destroy_process_group()
         _send(conn, ("done", result if ranks.main else None))
@@ -110,8 +128,7 @@ def _rank_main(rank: int, world: int, rendezvous: str, device_type: str, conn: m
 
 
 def launch(world: int, device_type: str, job: Callable[..., R], args: tuple,
-           on_epoch: Callable[[EpochMetrics], None] | None = None,
-           stop_requested: Callable[[], bool] = lambda: False) -> R:
+           hooks: TrainingHooks = TrainingHooks()) -> R:
     """Run `job` on `world` ranks and return rank 0's result (see the module's docstring). `job` and `args`
     must pickle (a module-level function and plain data)."""
     from models.core.train import TrainingInterrupted
@@ -138,7 +155,7 @@ def launch(world: int, device_type: str, job: Callable[..., R], args: tuple,
         for _, child_end in links:
             child_end.close()
         while len(results) < world:
-            if stop_requested():
+            if hooks.stop_requested():
                 stop.set()
             waiting = [links[r][0] for r in range(world) if r not in results]
             multiprocessing.connection.wait(waiting + [processes[r].sentinel for r in range(world)
@@ -154,9 +171,12 @@ def launch(world: int, device_type: str, job: Callable[..., R], args: tuple,
                         break
                     kind = message[0]
                     if kind == "epoch":
-                        if on_epoch is not None:
-                            on_epoch(EpochMetrics.model_validate(message[1]))
+                        if hooks.on_epoch is not None:
+                            hooks.on_epoch(EpochMetrics.model_validate(message[1]))
                         conn.send_bytes(b"recorded")
+                    elif kind == "progress":
+                        if hooks.on_progress is not None:
+                            hooks.on_progress(StepProgress.model_validate(message[1]))
                     elif kind == "done":
                         results[rank] = message[1]
                     elif kind == "interrupted":

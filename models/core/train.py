@@ -26,6 +26,7 @@ from models.core.backbones import ImageClassifier, build_classifier
 from models.core.data import Dataset
 from models.core.device import autocast, to_model_layout
 from models.core.pretrained import PretrainedReport, WeightSource, initialise_from
+from models.core.progress import ProgressCallback, ProgressClock
 from models.core.ranks import SINGLE, Ranks, agree, sum_across
 from models.core.source import BatchSource, source_for
 from models.core.stages import Stage1Recipe, Stage2Recipe, StageRecipe, StepT
@@ -112,9 +113,11 @@ def evaluate(
 def train_epoch(
     model: ImageClassifier, source: BatchSource, recipe: StageRecipe[StepT], optimizer: torch.optim.Optimizer,
     generator: torch.Generator, dtype: torch.dtype | None, ranks: Ranks = SINGLE, net: torch.nn.Module | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> tuple[float, int]:
     """One pass of a stage; returns (mean loss, images seen), both of the whole run (all ranks). The caller
-    sets the modes first. `net` is the recipe's training module, wrapped for data-parallel runs."""
+    sets the modes first. `net` is the recipe's training module, wrapped for data-parallel runs; `on_step`
+    gets (steps done, steps, images seen) after each step and may raise to stop between steps."""
     net = net if net is not None else recipe.training_module(model)
     steps = recipe.draw_epoch(source.train_labels, source.augmentation, model.feature_channels, generator,
                               source.device)
@@ -123,13 +126,15 @@ def train_epoch(
     total_loss = torch.zeros((), device=source.device)  # summed on the device: no sync per step
     seen = 0
     with closing(source.steps([step.requests for step in trained])) as loaded:  # closed on an error too
-        for step, share, batches in zip(steps, trained, loaded, strict=True):
+        for done, (step, share, batches) in enumerate(zip(steps, trained, loaded, strict=True), start=1):
             loss = recipe.step_loss(net, share, batches, dtype)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.detach() * (step.size / ranks.world)  # the share's part of the step's sum
             seen += step.size
+            if on_step is not None:
+                on_step(done, len(steps), seen)
     return float(sum_across(total_loss, ranks)) / max(seen, 1), seen
 
 
@@ -167,6 +172,7 @@ def run_stage(
     model: ImageClassifier, dataset: Dataset, source: BatchSource, config: RunConfig, recipe: StageRecipe[StepT],
     folder: RunFolder, on_epoch: EpochCallback | None = None, dtype: torch.dtype | None = None,
     stop_requested: Callable[[], bool] | None = None, ranks: Ranks = SINGLE,
+    on_progress: ProgressCallback | None = None, later_epochs: int = 0,
 ) -> StageResult:
     """Train one stage to its last epoch, resuming from its checkpoint in `folder` when there is one.
 
@@ -176,6 +182,9 @@ def run_stage(
 
     In a data-parallel run every rank trains its share of each step; rank 0 alone evaluates, reports
     and checkpoints, and its `stop_requested` decides for all ranks.
+
+    `on_progress` gets a StepProgress every few seconds inside an epoch (time estimates count
+    `later_epochs` more epochs after this stage's) and may raise TrainingCancelled to stop between steps.
     """
     stage, stage_config = recipe.stage, recipe.config
     checkpoint_path = folder.checkpoint(stage)
@@ -196,14 +205,17 @@ def run_stage(
     if ranks.parallel:
         net = data_parallel(net, source.device)
 
+    epoch_s = None  # wall time of the last whole epoch (training, evaluation, checkpoint) in this call
     for epoch in range(start_epoch, stage_config.epochs):
         lr = recipe.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         recipe.set_modes(model)
+        clock = None if on_progress is None else ProgressClock(on_progress, stage, epoch, stage_config.epochs,
+                                                               epoch_s, later_epochs)
         started = time.perf_counter()
         loss, seen = train_epoch(model, source, recipe, optimizer, epoch_generator(config.seed, stage, epoch), dtype,
-                                 ranks, net)
+                                 ranks, net, clock.tick if clock is not None else None)
         seconds = time.perf_counter() - started
         if ranks.main:
             report = evaluate(model, dataset, source, groups, dtype)
@@ -229,6 +241,7 @@ def run_stage(
         # rank 0 decides, after its checkpoint, and every rank stops at this same epoch
         if agree(stop_requested is not None and stop_requested(), ranks, source.device):
             raise TrainingInterrupted(f"stopped after epoch {epoch + 1} of stage {stage}, checkpoint saved")
+        epoch_s = time.perf_counter() - started
     return StageResult(history, report)
 
 
@@ -261,7 +274,7 @@ def train_two_stage(
     dataset: Dataset, config: RunConfig, folder: RunFolder, device: torch.device | None = None,
     on_epoch: EpochCallback | None = None, stage1_from: RunFolder | None = None,
     stop_requested: Callable[[], bool] | None = None, weights: WeightSource | None = None,
-    ranks: Ranks = SINGLE,
+    ranks: Ranks = SINGLE, on_progress: ProgressCallback | None = None,
 ) -> TwoStageResult:
     """Stage 1 (or a finished one reused from `stage1_from`), then stage 2; resumable in `folder`.
 
@@ -299,14 +312,14 @@ def train_two_stage(
         stage1_history = [EpochMetrics.model_validate(m) for m in state["history"]]
     else:
         stage1_history = run_stage(model, dataset, source, config, stage1, folder, on_epoch, dtype,
-                                   stop_requested, ranks).history
+                                   stop_requested, ranks, on_progress, later_epochs=config.stage2.epochs).history
 
     if not folder.checkpoint(stage2.stage).exists():
         # stage 2 starts from the stage-1 weights (backbone and classifier) of the final stage-1 epoch
         stage1_folder = stage1_from if stage1_from is not None else folder
         model.load_state_dict(load_checkpoint(stage1_folder.checkpoint(stage1.stage), device)["model"])
     stage2_result = run_stage(model, dataset, source, config, stage2, folder, on_epoch, dtype, stop_requested,
-                              ranks)
+                              ranks, on_progress)
 
     if synced:  # what is exported and served is the plain model
         plain = build_classifier(config.backbone, dataset.num_classes).to(device)

@@ -100,6 +100,8 @@ class RunRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # a models.contract.metrics StepProgress as JSON: where the epoch under way stands, written every few seconds
+    progress: Mapped[dict | None] = mapped_column(JSON)
 
     metrics: Mapped[list[MetricRow]] = relationship(
         back_populates="run", order_by=lambda: (MetricRow.stage, MetricRow.epoch), cascade="all, delete-orphan")

@@ -17,7 +17,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from models.contract.config import DatasetSpec, RunConfig
-from models.contract.metrics import EpochMetrics, EvaluationReport
+from models.contract.metrics import EpochMetrics, EvaluationReport, StepProgress
 from models.contract.onnx_model import ModelSpec
 from service.store.errors import ResourceConflict, ResourceNotFound
 from service.store.orm import TERMINAL, ArtifactRow, DatasetRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
@@ -39,11 +39,17 @@ def _transition(session: Session, run_id: str, source: RunStatus, token: str | N
     return session.execute(query.values(**values).execution_options(synchronize_session=False)).rowcount == 1
 
 
-def cancel(session: Session, run_id: str) -> RunRow:
-    """A queued run is cancelled at once; a running one is asked to stop at its next epoch end.
-    Cancelling a run that is already being cancelled changes nothing; a finished run is a conflict."""
+def cancel(session: Session, run_id: str, force: bool = False) -> RunRow:
+    """A queued run is cancelled at once; a running one is asked to stop, which its worker does between two
+    steps within seconds, keeping its last checkpoint. `force` ends a running or cancelling run as cancelled
+    at once, whatever its worker does: the claim is withdrawn, so the worker's next write is refused and it
+    stops. Cancelling a run that is already being cancelled changes nothing; a finished run is a conflict."""
     row = get(session, run_id)
-    changed = (_transition(session, run_id, RunStatus.queued, status=RunStatus.cancelled, finished_at=utcnow())
+    now = utcnow()
+    forced = {"status": RunStatus.cancelled, "finished_at": now, "claim_token": None}
+    changed = (_transition(session, run_id, RunStatus.queued, status=RunStatus.cancelled, finished_at=now)
+               or (force and (_transition(session, run_id, RunStatus.running, **forced)
+                              or _transition(session, run_id, RunStatus.cancelling, **forced)))
                or _transition(session, run_id, RunStatus.running, status=RunStatus.cancelling))
     session.refresh(row)
     if not changed and row.status in TERMINAL:
@@ -133,6 +139,15 @@ def record_epoch(session: Session, run_id: str, token: str, metrics: EpochMetric
     row.heartbeat_at = utcnow()
     session.flush()
     return row.status
+
+
+def record_progress(session: Session, run_id: str, token: str, progress: StepProgress) -> RunStatus | None:
+    """Where the epoch under way stands (also a heartbeat). Returns the run's status (cancelling asks the
+    worker to stop between steps), or None when the claim is lost."""
+    values = {"progress": progress.model_dump(), "heartbeat_at": utcnow()}
+    changed = session.execute(update(RunRow).where(RunRow.id == run_id, RunRow.claim_token == token)
+                              .values(**values).execution_options(synchronize_session=False)).rowcount
+    return session.scalar(select(RunRow.status).where(RunRow.id == run_id)) if changed else None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from models.contract.layout import RunFolder
 from models.contract.metrics import EpochMetrics
 from models.core.backbones import build_classifier
 from models.core.data import Dataset, digits_long_tailed
-from models.core.launch import RankFailed, RankLost, launch
+from models.core.launch import RankFailed, RankLost, TrainingHooks, launch
 from models.core.ranks import SINGLE, Ranks, shard_positions
 from models.core.source import source_for
 from models.core.stages import Stage1Recipe, Stage2Recipe
@@ -47,7 +47,7 @@ class _FirstAndLastSteps:
         return [steps[0], steps[-1]]
 
 
-def _two_steps_with_frozen_statistics(ranks: Ranks, device: torch.device, on_epoch: object, stop: object,
+def _two_steps_with_frozen_statistics(ranks: Ranks, device: torch.device, hooks: TrainingHooks,
                                       stage: int) -> dict[str, torch.Tensor]:
     dataset = _digits()
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def _two_steps_with_frozen_statistics(ranks: Ranks, device: torch.device, on_epo
 @pytest.mark.parametrize("stage", [1, 2], ids=["stage1-mixup", "stage2-h2t-fusion"])
 def test_two_ranks_sharing_each_step_train_the_weights_one_device_trains(stage):
     assert len(_digits().train) % CONFIG.stage1.batch_size % 2 == 1  # the last step splits unevenly
-    one = _two_steps_with_frozen_statistics(SINGLE, CPU, None, None, stage)
+    one = _two_steps_with_frozen_statistics(SINGLE, CPU, TrainingHooks(), stage)
     two = launch(2, "cpu", _two_steps_with_frozen_statistics, (stage,))
     for name in one:
         assert torch.allclose(one[name].float(), two[name].float(), rtol=1e-4, atol=1e-6), name
@@ -85,10 +85,10 @@ def test_shares_of_a_step_cover_it_once_and_differ_by_at_most_one_image():
         shard_positions(3, Ranks(0, 4))
 
 
-def _two_stages(ranks: Ranks, device: torch.device, on_epoch: object, stop_requested: object, folder: str,
+def _two_stages(ranks: Ranks, device: torch.device, hooks: TrainingHooks, folder: str,
                 config: RunConfig) -> list[EpochMetrics]:
-    result = train_two_stage(_digits(), config, RunFolder(Path(folder)), device, on_epoch, None, stop_requested,
-                             ranks=ranks)
+    result = train_two_stage(_digits(), config, RunFolder(Path(folder)), device, hooks.on_epoch, None,
+                             hooks.stop_requested, ranks=ranks, on_progress=hooks.on_progress)
     return result.stage1 + result.stage2
 
 
@@ -96,9 +96,9 @@ LOSS_TOLERANCE = 0.15  # relative, per epoch: each device normalises its 16 of t
 
 
 def test_a_two_rank_run_reports_the_one_device_epochs_with_its_loss_curve(tmp_path):
-    one = _two_stages(SINGLE, CPU, None, None, str(tmp_path / "one"), CONFIG)
+    one = _two_stages(SINGLE, CPU, TrainingHooks(), str(tmp_path / "one"), CONFIG)
     reported: list[EpochMetrics] = []
-    two = launch(2, "cpu", _two_stages, (str(tmp_path / "two"), CONFIG), on_epoch=reported.append)
+    two = launch(2, "cpu", _two_stages, (str(tmp_path / "two"), CONFIG), TrainingHooks(on_epoch=reported.append))
     assert [(m.stage, m.epoch, m.epochs) for m in reported] == [(m.stage, m.epoch, m.epochs) for m in one]
     assert reported == two  # rank 0's history is what it reported
     for a, b in zip(one, two, strict=True):
@@ -116,14 +116,14 @@ def test_a_stop_request_ends_every_rank_after_one_checkpoint_and_the_rest_resume
         stop.set()
 
     with pytest.raises(TrainingInterrupted, match="after epoch 1 of stage 1"):
-        launch(2, "cpu", _two_stages, (folder, CONFIG), on_epoch=on_epoch, stop_requested=stop.is_set)
+        launch(2, "cpu", _two_stages, (folder, CONFIG), TrainingHooks(on_epoch, stop_requested=stop.is_set))
     assert not live_descendants()
     assert [(m.stage, m.epoch) for m in reported] == [(1, 1)]
     resumed = launch(2, "cpu", _two_stages, (folder, CONFIG))
     assert [(m.stage, m.epoch) for m in resumed] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
 
 
-def _raise_on_rank_1(ranks: Ranks, device: torch.device, on_epoch: object, stop: object) -> None:
+def _raise_on_rank_1(ranks: Ranks, device: torch.device, hooks: TrainingHooks) -> None:
     torch.distributed.barrier()
     if ranks.rank == 1:
         raise OSError("disk gone")
@@ -137,7 +137,7 @@ def test_a_rank_that_raises_fails_the_run_with_its_message_and_ends_the_others()
     assert time.monotonic() - started < 60 and not live_descendants()
 
 
-def _wait_to_be_killed(ranks: Ranks, device: torch.device, on_epoch: object, stop: object, folder: str) -> None:
+def _wait_to_be_killed(ranks: Ranks, device: torch.device, hooks: TrainingHooks, folder: str) -> None:
     Path(folder, f"rank-{ranks.rank}.pid").write_text(str(os.getpid()))
     torch.distributed.barrier()
     time.sleep(600)
@@ -171,14 +171,14 @@ def test_sync_batchnorm_on_cpu_processes_fails_with_a_clear_message(tmp_path):
     assert not live_descendants()
 
 
-def _files_two_stages(ranks: Ranks, device: torch.device, on_epoch: object, stop: object, root: str, folder: str,
+def _files_two_stages(ranks: Ranks, device: torch.device, hooks: TrainingHooks, root: str, folder: str,
                       loader: LoaderConfig) -> dict[str, torch.Tensor]:
     from tests.unit.test_streaming import _load
 
     config = RunConfig.model_validate(tiny_run_config(precision="fp32", loader=loader.model_dump(),
                                                       stage1={"epochs": 2}, stage2={"epochs": 1, "rho": 0.5}))
-    result = train_two_stage(_load(Path(root), loader), config, RunFolder(Path(folder)), device, on_epoch, None, stop,
-                             ranks=ranks)
+    result = train_two_stage(_load(Path(root), loader), config, RunFolder(Path(folder)), device, hooks.on_epoch, None,
+                             hooks.stop_requested, ranks=ranks)
     return {name: value.clone() for name, value in result.model.state_dict().items()}
 
 

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 
 from service.api.auth import ApiKey
 from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.errors import problems
-from service.api.runs import service
+from service.api.runs import events, service
 from service.api.runs.schemas import MetricsPublic, RunCreate, RunPublic, RunsPublic
 from service.store import runs
 from service.store.errors import ServiceUnavailable
@@ -54,9 +55,19 @@ def get_metrics(run_id: str, session: SessionDep, _: ApiKey) -> MetricsPublic:
     return MetricsPublic(data=[service.metric_public(r) for r in rows], count=len(rows))
 
 
+@router.get("/{run_id}/events", responses={**problems(404), 200: {"content": {"text/event-stream": {}}}},
+            response_class=StreamingResponse,
+            summary="Live events (server-sent): status changes, progress inside an epoch, each epoch's metrics")
+def run_events(run_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey) -> StreamingResponse:
+    runs.get(session, run_id)  # 404 before the stream starts
+    return StreamingResponse(events.run_events(settings.database_url, run_id), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 @router.post("/{run_id}/cancel", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED,
              responses=problems(404, 409),
-             summary="Cancel: a queued run at once, a running one at its next epoch end")
-def cancel_run(run_id: str, session: SessionDep, _: ApiKey) -> RunPublic:
-    row = runs.cancel(session, run_id)
+             summary="Cancel: a queued run at once, a running one between two steps (within seconds)")
+def cancel_run(run_id: str, session: SessionDep, _: ApiKey, force: bool = Query(
+        False, description="end a running run as cancelled now, without waiting for its worker to stop")) -> RunPublic:
+    row = runs.cancel(session, run_id, force)
     return service.public(session, row)

@@ -5,7 +5,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from models.contract.config import RunConfig
-from models.contract.metrics import EpochMetrics
+from models.contract.metrics import EpochMetrics, StepProgress
 from service.store.orm import RunStatus
 
 
@@ -32,6 +32,7 @@ class RunPublic(BaseModel):
     epoch: int = Field(description="epochs finished in the current stage")
     total_epochs: int | None = Field(description="epochs of the current stage")
     latest_metrics: MetricPublic | None
+    progress: StepProgress | None = Field(description="while it trains: the epoch under way, every few seconds")
     model_id: str | None = Field(description="the exported model, once the run succeeded: GET /v1/models/{id}")
     error: str | None
     attempts: int

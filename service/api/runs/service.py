@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.contract.config import ReferenceDataset, RunConfig
+from models.contract.metrics import StepProgress
 from models.contract.pretrained import PretrainedFile, resolve_in_root
 from service.api.datasets.service import get as get_dataset
 from service.api.runs.schemas import MetricPublic, RunCreate, RunPublic
@@ -17,6 +18,8 @@ from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFoun
 from service.store.orm import DatasetStatus, MetricRow, ModelRow, RunRow, RunStatus, utcnow
 from service.store.runs import get
 from service.store.settings import Settings
+
+TRAINING = (RunStatus.running, RunStatus.cancelling)  # statuses whose progress is current
 
 
 def metric_public(row: MetricRow) -> MetricPublic:
@@ -28,6 +31,7 @@ def to_public(row: RunRow, latest: MetricRow | None, has_model: bool) -> RunPubl
         id=row.id, dataset_id=row.dataset_id, stage1_from=row.stage1_from, config=RunConfig.model_validate(row.config),
         status=row.status, stage=row.stage, epoch=row.epoch, total_epochs=row.total_epochs,
         latest_metrics=metric_public(latest) if latest else None, model_id=row.id if has_model else None,
+        progress=StepProgress.model_validate(row.progress) if row.progress and row.status in TRAINING else None,
         error=row.error, attempts=row.attempts, worker=row.worker, created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, heartbeat_at=row.heartbeat_at,
     )
