@@ -32,6 +32,7 @@ from models.contract.metrics import EpochMetrics, StepProgress
 from models.contract.onnx_model import sha256_file
 from service.store import runs
 from service.store.db import session_scope
+from service.store.logs import RunLogHandler
 from service.store.orm import RunStatus, utcnow
 from service.store.runs import ClaimedRun, ExportedModel, StoredFile
 from service.store.settings import Settings
@@ -125,15 +126,20 @@ def train_run(run_id: str, settings: Settings, worker_name: str, stop: threading
     if claimed is None:
         log.info("run %s is not claimable (taken, finished or cancelled): skipped", run_id, extra={"run_id": run_id})
         return Outcome.skipped
-    log.info("claimed run %s (attempt by %s)", run_id, worker_name, extra={"run_id": run_id})
-
-    beat = Heartbeat(settings, run_id, token)
-    beat.start()
+    run_log = RunLogHandler(settings.artifacts.run(run_id).log, run_id)
+    logging.getLogger().addHandler(run_log)
     try:
-        outcome = _train(run_id, settings, token, claimed, beat, stop, requeue)
+        log.info("claimed run %s (attempt by %s)", run_id, worker_name, extra={"run_id": run_id})
+        beat = Heartbeat(settings, run_id, token)
+        beat.start()
+        try:
+            outcome = _train(run_id, settings, token, claimed, beat, stop, requeue)
+        finally:
+            beat.stopped.set()
+        log.info("run %s %s", run_id, outcome, extra={"run_id": run_id})
     finally:
-        beat.stopped.set()
-    log.info("run %s %s", run_id, outcome, extra={"run_id": run_id})
+        logging.getLogger().removeHandler(run_log)
+        run_log.close()
     return outcome
 
 

@@ -39,6 +39,11 @@ class RunFolder:
     def summary(self) -> Path:
         return self.root / "summary.json"
 
+    @property
+    def log(self) -> Path:
+        """The run's own log lines, written by the workers that trained it (GET /v1/runs/{id}/logs)."""
+        return self.root / "log.txt"
+
     def create(self) -> RunFolder:
         for stage in STAGES:
             self.stage_dir(stage).mkdir(parents=True, exist_ok=True)

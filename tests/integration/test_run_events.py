@@ -78,3 +78,20 @@ def test_a_forced_cancel_ends_a_running_run_at_once_and_the_worker_moves_on(clie
     assert f"run {run_id} lost" in worker.log()
     final = get_run(client, run_id)
     assert final["status"] == "cancelled" and final["model_id"] is None
+
+
+def test_the_run_log_has_a_line_per_epoch_and_following_it_ends_with_the_run(client, start_worker):
+    run_id = submit_run(client, create_tiny_dataset(client))["id"]
+    start_worker()
+    with client.stream("GET", f"/v1/runs/{run_id}/logs", params={"follow": "true"}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        followed = list(response.iter_lines())
+    assert get_run(client, run_id)["status"] == "succeeded"  # the stream ended with the run
+    assert f"claimed run {run_id}" in followed[0] and followed[-1].endswith(f"run {run_id} succeeded")
+    epoch_lines = [line for line in followed if " epoch " in line and "loss" in line]
+    assert [line.split("INFO ", 1)[1].split(" loss")[0] for line in epoch_lines] == [
+        f"run {run_id} stage 1 epoch   1/3", f"run {run_id} stage 1 epoch   2/3", f"run {run_id} stage 1 epoch   3/3",
+        f"run {run_id} stage 2 epoch   1/2", f"run {run_id} stage 2 epoch   2/2"]
+    assert not any("\x1b[" in line for line in followed)  # plain text, no terminal colours
+    assert client.get(f"/v1/runs/{run_id}/logs").text.splitlines() == followed
+    assert client.get("/v1/runs/no-such-run/logs").status_code == 404

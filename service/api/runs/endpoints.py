@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from service.api.auth import ApiKey
 from service.api.deps import PageDep, SessionDep, SettingsDep
@@ -62,6 +62,22 @@ def run_events(run_id: str, session: SessionDep, settings: SettingsDep, _: ApiKe
     runs.get(session, run_id)  # 404 before the stream starts
     return StreamingResponse(events.run_events(settings.database_url, run_id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/{run_id}/logs", response_class=PlainTextResponse,
+            responses={**problems(404), 200: {"content": {"text/plain": {}}}},
+            summary="The run's log lines (every worker that trained it); follow=true streams them until it ends")
+def run_logs(run_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey,
+             follow: bool = Query(False, description="keep the answer open and send new lines as they are "
+                                  "written, until the run has finished")) -> Response:
+    runs.get(session, run_id)
+    path = settings.artifacts.run(run_id).log
+    if follow:
+        return StreamingResponse(events.follow_log(settings.database_url, run_id, path),
+                                 media_type="text/plain; charset=utf-8",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text, _ = events.new_log_text(path, 0)
+    return PlainTextResponse(text.decode("utf-8", errors="replace"))
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED,

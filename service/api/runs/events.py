@@ -1,4 +1,6 @@
-"""A run's live event stream (server-sent events): what changed in the store, polled every second.
+"""A run's live streams, polled every second: its events (server-sent) and its log as it grows.
+
+The event stream shows what changed in the store.
 
 Events, each `event: <kind>` with one JSON `data:` line:
 - `status`: the run's status and progress counters (`status`, `stage`, `epoch`, `total_epochs`, `error`),
@@ -18,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -77,5 +80,35 @@ async def run_events(database_url: str, run_id: str, poll_s: float = POLL_S) -> 
             yield ": keep-alive\n\n"
             last_sent = time.monotonic()
         if snapshot.status["status"] in {s.value for s in TERMINAL}:
+            return
+        await asyncio.sleep(poll_s)
+
+
+def new_log_text(path: Path, offset: int) -> tuple[bytes, bool]:
+    """The whole lines written to `path` past `offset`, and whether the file exists."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except FileNotFoundError:
+        return b"", False
+    return chunk[: chunk.rfind(b"\n") + 1], True
+
+
+def _status(database_url: str, run_id: str) -> str:
+    with session_scope(database_url) as session:
+        return session.scalar(select(RunRow.status).where(RunRow.id == run_id)).value
+
+
+async def follow_log(database_url: str, run_id: str, path: Path, poll_s: float = POLL_S) -> AsyncIterator[bytes]:
+    """The run's log as it grows, line by line, until the run has finished and every line was sent."""
+    offset = 0
+    while True:
+        finished = await run_in_threadpool(_status, database_url, run_id) in {s.value for s in TERMINAL}
+        chunk, _ = await run_in_threadpool(new_log_text, path, offset)  # read after the status: nothing is missed
+        if chunk:
+            offset += len(chunk)
+            yield chunk
+        elif finished:
             return
         await asyncio.sleep(poll_s)
