@@ -20,7 +20,8 @@ NAMING_CONVENTION = {
 }
 
 
-NAME_LENGTH = 200  # a dataset's name, as stored
+NAME_LENGTH = 200  # a dataset's or a run's name, as stored
+TAG_LENGTH = 64
 
 
 def utcnow() -> datetime:
@@ -102,9 +103,23 @@ class RunRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # a models.contract.metrics StepProgress as JSON: where the epoch under way stands, written every few seconds
     progress: Mapped[dict | None] = mapped_column(JSON)
+    name: Mapped[str | None] = mapped_column(String(NAME_LENGTH), index=True)  # the user's, not unique
+    method: Mapped[str] = mapped_column(String(16), index=True, default="h2t",
+                                        server_default="h2t")  # config.stage2.method, to filter on
+    tags: Mapped[list[RunTagRow]] = relationship(cascade="all, delete-orphan", order_by=lambda: RunTagRow.tag,
+                                                 lazy="selectin")
 
     metrics: Mapped[list[MetricRow]] = relationship(
         back_populates="run", order_by=lambda: (MetricRow.stage, MetricRow.epoch), cascade="all, delete-orphan")
+
+
+class RunTagRow(Base):
+    """One tag of a run (a row per tag, so lists filter by tag with an index on every database)."""
+
+    __tablename__ = "run_tags"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(TAG_LENGTH), primary_key=True, index=True)
 
 
 class MetricRow(Base):

@@ -10,7 +10,7 @@ from service.store.migrate import check_no_drift, downgrade_base, upgrade_head
 from service.store.orm import Base
 
 pytestmark = pytest.mark.integration
-TABLES = {"datasets", "runs", "metrics", "artifacts", "models", "workers"}
+TABLES = {"datasets", "runs", "metrics", "artifacts", "models", "workers", "run_tags"}
 
 
 def _tables(url: str) -> set[str]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -9,9 +10,9 @@ from service.api.auth import ApiKey
 from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.errors import problems
 from service.api.runs import events, service
-from service.api.runs.schemas import MetricsPublic, RunCreate, RunPublic, RunsPublic
+from service.api.runs.schemas import MAX_TAGS, MetricsPublic, RunCreate, RunPublic, RunsPublic, RunUpdate
 from service.store import runs
-from service.store.errors import ServiceUnavailable
+from service.store.errors import AppError, ServiceUnavailable
 from service.store.orm import RunStatus
 from service.store.queue import enqueue_training
 
@@ -37,10 +38,37 @@ def create_run(body: RunCreate, request: Request, response: Response, session: S
     return service.public(session, row)
 
 
-@router.get("", response_model=RunsPublic)
-def list_runs(session: SessionDep, _: ApiKey, page: PageDep, status: RunStatus | None = None) -> RunsPublic:
-    rows, total = service.list_runs(session, page.limit, page.offset, status)
+LIST_PARAMETERS = {"limit", "offset", "status", "dataset_id", "method", "stage1_from", "name", "tag", "sort"}
+SORT_PATTERN = "^-?(" + "|".join(service.SORT_KEYS) + ")$"
+
+
+@router.get("", response_model=RunsPublic, responses=problems(400),
+            summary="Runs, newest first: filter by status, dataset, method, stage 1, name and tags; sort")
+def list_runs(
+    request: Request, session: SessionDep, _: ApiKey, page: PageDep,
+    status: RunStatus | None = None,
+    dataset_id: Annotated[str | None, Query(max_length=36)] = None,
+    method: Annotated[Literal["h2t", "crt"] | None, Query(description="stage 2's method")] = None,
+    stage1_from: Annotated[str | None, Query(max_length=36, description="runs that reused this run's stage 1")] = None,
+    name: Annotated[str | None, Query(max_length=200, description="exactly this name")] = None,
+    tag: Annotated[list[str] | None, Query(max_length=MAX_TAGS,
+                                           description="repeat for several: runs carrying every one")] = None,
+    sort: Annotated[str, Query(pattern=SORT_PATTERN, description=f"one of {', '.join(service.SORT_KEYS)}; "
+                               "a leading - for descending")] = "-created_at",
+) -> RunsPublic:
+    unknown = sorted(set(request.query_params) - LIST_PARAMETERS)
+    if unknown:  # a misspelt filter must not silently list everything
+        raise AppError(f"unknown query parameter(s): {', '.join(unknown)}; runs filter by "
+                       f"{', '.join(sorted(LIST_PARAMETERS - {'limit', 'offset', 'sort'}))} and sort by sort")
+    where = service.RunFilter(status, dataset_id, method, stage1_from, name, tuple(tag or ()))
+    rows, total = service.list_runs(session, page.limit, page.offset, where, sort)
     return RunsPublic(data=service.to_public_many(session, rows), count=total)
+
+
+@router.patch("/{run_id}", response_model=RunPublic, responses=problems(400, 404, 413),
+              summary="Rename or retag a run")
+def update_run(run_id: str, body: RunUpdate, session: SessionDep, _: ApiKey) -> RunPublic:
+    return service.public(session, service.update(session, run_id, body))
 
 
 @router.get("/{run_id}", response_model=RunPublic, responses=problems(404))

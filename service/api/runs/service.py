@@ -3,6 +3,7 @@ Status changes belong to the run state machine in service.store.runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -12,10 +13,10 @@ from models.contract.config import ReferenceDataset, RunConfig
 from models.contract.metrics import StepProgress
 from models.contract.pretrained import PretrainedFile, resolve_in_root
 from service.api.datasets.service import get as get_dataset
-from service.api.runs.schemas import MetricPublic, RunCreate, RunPublic
+from service.api.runs.schemas import MetricPublic, RunCreate, RunPublic, RunUpdate
 from service.store import workers
 from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
-from service.store.orm import DatasetStatus, MetricRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.orm import DatasetStatus, MetricRow, ModelRow, RunRow, RunStatus, RunTagRow, utcnow
 from service.store.runs import get
 from service.store.settings import Settings
 
@@ -28,7 +29,8 @@ def metric_public(row: MetricRow) -> MetricPublic:
 
 def to_public(row: RunRow, latest: MetricRow | None, has_model: bool) -> RunPublic:
     return RunPublic(
-        id=row.id, dataset_id=row.dataset_id, stage1_from=row.stage1_from, config=RunConfig.model_validate(row.config),
+        id=row.id, name=row.name, tags=sorted(t.tag for t in row.tags), dataset_id=row.dataset_id,
+        stage1_from=row.stage1_from, config=RunConfig.model_validate(row.config),
         status=row.status, stage=row.stage, epoch=row.epoch, total_epochs=row.total_epochs,
         latest_metrics=metric_public(latest) if latest else None, model_id=row.id if has_model else None,
         progress=StepProgress.model_validate(row.progress) if row.progress and row.status in TRAINING else None,
@@ -73,7 +75,7 @@ def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
     if dataset.status != DatasetStatus.ready:
         raise ResourceConflict(f"dataset {dataset.id} is {dataset.status}, not ready"
                                + (f": {dataset.error}" if dataset.error else ""))
-    config = RunConfig.model_validate(body.model_dump(exclude={"dataset_id", "stage1_from"}))
+    config = RunConfig.model_validate(body.model_dump(exclude={"dataset_id", "stage1_from", "name", "tags"}))
     check_pretrained_file(config, settings.data_root)
     workers.check_devices(session, config.devices, utcnow(), settings.worker_seen_within_s)
     try:
@@ -93,19 +95,55 @@ def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
         if source.dataset_id != body.dataset_id or source_config.backbone != config.backbone:
             raise ResourceConflict("stage1_from: that run trained another dataset or backbone")
     row = RunRow(dataset_id=dataset.id, stage1_from=body.stage1_from, config=config.model_dump(mode="json"),
-                 status=RunStatus.queued, enqueued_at=utcnow())
+                 status=RunStatus.queued, enqueued_at=utcnow(), name=body.name, method=config.stage2.method,
+                 tags=[RunTagRow(tag=tag) for tag in dict.fromkeys(body.tags)])
     session.add(row)
     session.flush()
     return row
 
 
-def list_runs(session: Session, limit: int, offset: int, status: RunStatus | None) -> tuple[list[RunRow], int]:
+@dataclass(frozen=True)
+class RunFilter:
+    """What GET /v1/runs narrows the list to; every field given must hold (tags: each of them)."""
+
+    status: RunStatus | None = None
+    dataset_id: str | None = None
+    method: str | None = None
+    stage1_from: str | None = None
+    name: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+SORT_KEYS = {"created_at": RunRow.created_at, "started_at": RunRow.started_at,
+             "finished_at": RunRow.finished_at, "name": RunRow.name, "status": RunRow.status}
+
+
+def list_runs(session: Session, limit: int, offset: int, where: RunFilter = RunFilter(),
+              sort: str = "-created_at") -> tuple[list[RunRow], int]:
+    """A page of runs, and how many match in all. `sort`: a key of SORT_KEYS, `-` first for descending."""
     query = select(RunRow)
-    if status is not None:
-        query = query.where(RunRow.status == status)
+    for column, value in ((RunRow.status, where.status), (RunRow.dataset_id, where.dataset_id),
+                          (RunRow.method, where.method), (RunRow.stage1_from, where.stage1_from),
+                          (RunRow.name, where.name)):
+        if value is not None:
+            query = query.where(column == value)
+    for tag in dict.fromkeys(where.tags):
+        query = query.where(RunRow.id.in_(select(RunTagRow.run_id).where(RunTagRow.tag == tag)))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(RunRow.created_at.desc(), RunRow.id).limit(limit).offset(offset))
+    column = SORT_KEYS[sort.removeprefix("-")]
+    order = column.desc().nulls_last() if sort.startswith("-") else column.asc().nulls_last()
+    rows = session.scalars(query.order_by(order, RunRow.created_at.desc(), RunRow.id).limit(limit).offset(offset))
     return list(rows), total
+
+
+def update(session: Session, run_id: str, body: RunUpdate) -> RunRow:
+    row = get(session, run_id)
+    if "name" in body.model_fields_set:
+        row.name = body.name
+    if body.tags is not None:
+        row.tags = [RunTagRow(tag=tag) for tag in dict.fromkeys(body.tags)]
+    session.flush()
+    return row
 
 
 def metrics(session: Session, run_id: str) -> list[MetricRow]:
