@@ -74,3 +74,15 @@ def test_bad_names_and_tags_are_refused_and_nothing_is_written(client, labels, f
     response = client.post("/v1/runs", json={"dataset_id": dataset_id, **labels})
     assert response.status_code == 422 and field in response.text
     assert client.get("/v1/runs").json()["count"] == 0
+
+
+def test_a_run_reusing_a_reused_stage1_records_the_run_that_trained_it(client, settings):
+    dataset_id = create_tiny_dataset(client)
+    trained = submit_run(client, dataset_id)["id"]
+    with session_scope(settings.database_url) as session:  # as if both had trained
+        session.get(RunRow, trained).status = RunStatus.succeeded
+    second = submit_run(client, dataset_id, stage1_from=trained)["id"]
+    with session_scope(settings.database_url) as session:
+        session.get(RunRow, second).status = RunStatus.succeeded
+    third = submit_run(client, dataset_id, stage1_from=second)
+    assert third["stage1_from"] == trained  # where the stage-1 checkpoint is

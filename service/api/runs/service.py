@@ -94,7 +94,9 @@ def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
         source_config = RunConfig.model_validate(source.config)
         if source.dataset_id != body.dataset_id or source_config.backbone != config.backbone:
             raise ResourceConflict("stage1_from: that run trained another dataset or backbone")
-    row = RunRow(dataset_id=dataset.id, stage1_from=body.stage1_from, config=config.model_dump(mode="json"),
+    # the run whose stage 1 was trained: a run that itself reused one holds no stage-1 checkpoint
+    stage1_from = None if body.stage1_from is None else (source.stage1_from or source.id)
+    row = RunRow(dataset_id=dataset.id, stage1_from=stage1_from, config=config.model_dump(mode="json"),
                  status=RunStatus.queued, enqueued_at=utcnow(), name=body.name, method=config.stage2.method,
                  tags=[RunTagRow(tag=tag) for tag in dict.fromkeys(body.tags)])
     session.add(row)
