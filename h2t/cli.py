@@ -11,7 +11,13 @@ from pathlib import Path
 
 import yaml
 
-from models.contract.config import LocalTrainConfig
+from models.contract.config import (
+    PAPER_MILESTONES,
+    PAPER_STAGE1_EPOCHS,
+    PAPER_WARMUP_EPOCHS,
+    LocalTrainConfig,
+    scaled_schedule,
+)
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -33,11 +39,35 @@ def apply_overrides(raw: dict, overrides: list[tuple[list[str], object]]) -> dic
     return raw
 
 
-def load_train_config(path: Path, overrides: list[tuple[list[str], object]] = ()) -> LocalTrainConfig:
+def load_train_config(path: Path, overrides: list[tuple[list[str], object]] = (),
+                      notes: list[str] | None = None) -> LocalTrainConfig:
+    """The config file with `--set` overrides. Shortening (or lengthening) stage 1 with `--set stage1.epochs=N`
+    scales the file's warm-up and lr milestones with it, unless they are set too; `notes` gets what changed."""
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a YAML mapping")
-    return LocalTrainConfig.model_validate(apply_overrides(raw, list(overrides)))
+    file_stage1 = dict(raw.get("stage1") or {}) if isinstance(raw.get("stage1") or {}, dict) else {}
+    raw = apply_overrides(raw, list(overrides))
+    note = _schedule_follows_epochs(file_stage1, raw, {".".join(key) for key, _ in overrides})
+    if note and notes is not None:
+        notes.append(note)
+    return LocalTrainConfig.model_validate(raw)
+
+
+def _schedule_follows_epochs(file_stage1: dict, raw: dict, overridden: set[str]) -> str | None:
+    if "stage1.epochs" not in overridden or overridden & {"stage1.warmup_epochs", "stage1.milestones"}:
+        return None
+    if "warmup_epochs" not in file_stage1 and "milestones" not in file_stage1:
+        return None  # the config's own defaults follow its epochs (Stage1Config)
+    stage1, epochs = raw["stage1"], raw["stage1"]["epochs"]
+    was = file_stage1.get("epochs", PAPER_STAGE1_EPOCHS)
+    warmup = file_stage1.get("warmup_epochs", PAPER_WARMUP_EPOCHS)
+    milestones = tuple(file_stage1.get("milestones", PAPER_MILESTONES))
+    if not isinstance(epochs, int) or not isinstance(was, int) or epochs < 1 or was < 1 or epochs == was:
+        return None
+    stage1["warmup_epochs"], stage1["milestones"] = scaled_schedule(was, epochs, warmup, milestones)
+    return (f"stage1.epochs {was} -> {epochs}: warm-up {warmup} -> {stage1['warmup_epochs']} epochs and lr milestones "
+            f"{list(milestones)} -> {list(stage1['milestones'])}, scaled with it (--set them to choose)")
 
 
 class MetricsLog:
@@ -80,7 +110,10 @@ def train_command(args: argparse.Namespace) -> int:
     from models.core.train import resolve_device, train_two_stage
     from service.store.settings import Settings
 
-    config = load_train_config(Path(args.config), args.set)
+    notes: list[str] = []
+    config = load_train_config(Path(args.config), args.set, notes)
+    for note in notes:
+        print(note, flush=True)
     folder = RunFolder(Path(args.out)).create()
     folder.config.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     settings = Settings()

@@ -166,8 +166,24 @@ class GroupConfig(_Frozen):
         return self
 
 
+PAPER_STAGE1_EPOCHS, PAPER_WARMUP_EPOCHS, PAPER_MILESTONES = 200, 5, (160, 180)
+
+
+def scaled_schedule(epochs_from: int, epochs_to: int, warmup_epochs: int,
+                    milestones: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """A stage-1 warm-up and lr milestones meant for `epochs_from` epochs, at the same fractions of
+    `epochs_to` (a warm-up keeps at least one epoch; milestones stay inside the run and distinct)."""
+    scale = epochs_to / epochs_from
+    warmup = min(epochs_to, max(1 if warmup_epochs else 0, round(warmup_epochs * scale)))
+    steps = tuple(sorted({min(epochs_to, max(1, round(m * scale))) for m in milestones}))
+    return warmup, steps
+
+
 class Stage1Config(_Frozen):
-    """End-to-end training of backbone and linear classifier (the paper's CIFAR recipe by default)."""
+    """End-to-end training of backbone and linear classifier (the paper's CIFAR recipe by default).
+
+    Given `epochs` but neither `warmup_epochs` nor `milestones`, the paper's warm-up and milestones (for 200
+    epochs) are scaled to `epochs`, so a shorter run keeps the paper's schedule shape."""
 
     epochs: int = Field(200, ge=1, le=2000)
     batch_size: int = Field(128, ge=2, le=4096)
@@ -176,9 +192,19 @@ class Stage1Config(_Frozen):
     weight_decay: float = Field(2e-4, ge=0, le=1)
     schedule: Literal["multistep", "cosine"] = "multistep"
     warmup_epochs: int = Field(5, ge=0)
-    milestones: tuple[int, ...] = (160, 180)  # lr x gamma after each of these (1-based) epochs
+    milestones: tuple[int, ...] = PAPER_MILESTONES  # lr x gamma after each of these (1-based) epochs
     gamma: float = Field(0.1, gt=0, le=1)
     mixup_alpha: float = Field(1.0, ge=0, description="input mixup Beta(alpha, alpha); 0 disables it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schedule_follows_epochs(cls, data: object) -> object:
+        if (isinstance(data, dict) and isinstance(data.get("epochs"), int) and data["epochs"] != PAPER_STAGE1_EPOCHS
+                and "warmup_epochs" not in data and "milestones" not in data and data["epochs"] >= 1):
+            warmup, milestones = scaled_schedule(PAPER_STAGE1_EPOCHS, data["epochs"], PAPER_WARMUP_EPOCHS,
+                                                 PAPER_MILESTONES)
+            return {**data, "warmup_epochs": warmup, "milestones": milestones}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Stage1Config:

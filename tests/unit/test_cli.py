@@ -101,3 +101,25 @@ def test_an_interrupted_train_says_how_to_resume_instead_of_a_traceback(tmp_path
     monkeypatch.setattr(models.core.train, "train_two_stage", interrupted)
     code = main(["train", "--config", str(_config(tmp_path, TINY)), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 130 and "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_shortening_stage1_scales_the_schedule_unless_it_is_set_too(tmp_path):
+    from h2t.cli import load_train_config, parse_override
+
+    config_file = Path(__file__).resolve().parents[2] / "configs" / "cifar100_lt_ir100.yaml"
+    notes: list[str] = []
+    short = load_train_config(config_file, [parse_override("stage1.epochs=20")], notes)
+    assert (short.stage1.epochs, short.stage1.warmup_epochs, short.stage1.milestones) == (20, 1, (16, 18))
+    assert notes == ["stage1.epochs 200 -> 20: warm-up 5 -> 1 epochs and lr milestones [160, 180] -> [16, 18], "
+                     "scaled with it (--set them to choose)"]
+    chosen = load_train_config(config_file, [parse_override("stage1.epochs=20"),
+                                             parse_override("stage1.milestones=[15]")], notes := [])
+    assert (chosen.stage1.warmup_epochs, chosen.stage1.milestones, notes) == (5, (15,), [])
+
+
+def test_a_run_config_given_only_epochs_scales_the_paper_schedule():
+    from models.contract.config import Stage1Config
+
+    assert (Stage1Config(epochs=20).warmup_epochs, Stage1Config(epochs=20).milestones) == (1, (16, 18))
+    assert Stage1Config(epochs=400).milestones == (320, 360) and Stage1Config().milestones == (160, 180)
+    assert Stage1Config(epochs=20, milestones=[10]).warmup_epochs == 5  # one of them set: the other is the default
