@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import delete as delete_rows
 from sqlalchemy.orm import Session
 
 from models.contract.config import DatasetSpec, RunConfig
@@ -55,6 +56,35 @@ def cancel(session: Session, run_id: str, force: bool = False) -> RunRow:
     if not changed and row.status in TERMINAL:
         raise ResourceConflict(f"run {run_id} is already {row.status}")
     return row
+
+
+def delete(session: Session, run_ids: list[str], force: bool = False) -> list[str]:
+    """Delete runs with their metric, artifact, model and tag rows; returns every id deleted, runs that
+    reused a stage 1 before the run that trained it. A run still queued or training is a conflict (cancel
+    it first), and so is a run whose stage 1 other runs reuse, unless `force`: then those go too."""
+    doomed: list[str] = []
+
+    def collect(run_id: str) -> None:
+        row = get(session, run_id)
+        if row.status not in TERMINAL:
+            raise ResourceConflict(f"run {run_id} is {row.status}: cancel it first (POST /v1/runs/{run_id}/cancel, "
+                                   "?force=true to end it at once)")
+        reusing = list(session.scalars(select(RunRow.id).where(RunRow.stage1_from == run_id).order_by(RunRow.id)))
+        if reusing and not force:
+            shown = ", ".join(reusing[:5]) + (" and more" if len(reusing) > 5 else "")
+            raise ResourceConflict(f"{len(reusing)} run(s) reuse the stage 1 of run {run_id} ({shown}); delete them "
+                                   "first, or delete with force=true to delete them too")
+        for other in reusing:
+            collect(other)
+        doomed.append(run_id)
+
+    for run_id in run_ids:
+        collect(run_id)
+    doomed = list(dict.fromkeys(doomed))
+    for run_id in doomed:  # the database cascades to metrics, artifacts, the model and the tags
+        session.execute(delete_rows(RunRow).where(RunRow.id == run_id).execution_options(synchronize_session=False))
+    session.expire_all()
+    return doomed
 
 
 def requested_devices(session: Session, run_id: str) -> int:

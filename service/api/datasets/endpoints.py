@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
@@ -114,10 +114,13 @@ def get_dataset(dataset_id: str, session: SessionDep, _: ApiKey) -> DatasetPubli
     return service.to_public(service.get(session, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(404, 409))
-def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey) -> Response:
-    folder = service.delete(session, settings, dataset_id)
-    session.commit()
-    if folder is not None:
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(404, 409),
+               summary="Delete a dataset (409 while runs use it; force=true deletes them too)")
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey,
+                   force: bool = Query(False, description="also delete the runs on it (none may be queued or "
+                                       "training), with their models and files")) -> Response:
+    folders = service.delete(session, settings, dataset_id, force)
+    session.commit()  # the files go only once the rows are gone
+    for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -20,6 +20,7 @@ from service.api.datasets.schemas import (
     DatasetPublic,
     ReferenceDatasetCreate,
 )
+from service.store import runs
 from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
 from service.store.orm import NAME_LENGTH, DatasetRow, DatasetStatus, RunRow, utcnow
 from service.store.settings import Settings
@@ -104,13 +105,18 @@ def list_datasets(session: Session, limit: int, offset: int) -> tuple[list[Datas
     return list(rows), total
 
 
-def delete(session: Session, settings: Settings, dataset_id: str) -> Path | None:
-    """Delete the row; returns the folder to remove once the deletion is committed."""
+def delete(session: Session, settings: Settings, dataset_id: str, force: bool = False) -> list[Path]:
+    """Delete the row (with `force`, its runs too: none may be queued or training); returns the folders to
+    remove once the deletion is committed: an uploaded archive's files and the deleted runs' folders. A
+    dataset by reference leaves its files under the data root alone."""
     row = get(session, dataset_id)
-    runs = session.scalar(select(func.count()).select_from(RunRow).where(RunRow.dataset_id == dataset_id))
-    if runs:
-        raise ResourceConflict(f"dataset {dataset_id} is used by {runs} run(s)")
+    used_by = list(session.scalars(select(RunRow.id).where(RunRow.dataset_id == dataset_id)))
+    if used_by and not force:
+        raise ResourceConflict(f"dataset {dataset_id} is used by {len(used_by)} run(s); delete them first, or "
+                               "delete with force=true to delete them too")
+    deleted_runs = runs.delete(session, used_by, force=True)
     spec = row.dataset_spec()
     session.delete(row)
     session.flush()
-    return settings.artifacts.resolve(spec.archive) if isinstance(spec, ArchiveDataset) else None
+    folders = [settings.artifacts.run(run_id).root for run_id in deleted_runs]
+    return folders + ([settings.artifacts.resolve(spec.archive)] if isinstance(spec, ArchiveDataset) else [])

@@ -5,7 +5,7 @@ import base64
 import binascii
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
@@ -42,6 +42,16 @@ def list_models(session: SessionDep, _: ApiKey, page: PageDep) -> ModelsPublic:
 @router.get("/{model_id}", response_model=ModelPublic, responses=problems(404, 409))
 def get_model(model_id: str, session: SessionDep, _: ApiKey) -> ModelPublic:
     return service.to_public(*service.get(session, model_id))
+
+
+@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(404, 409),
+               summary="Delete a model and its ONNX file (its run stays); it is no longer served")
+def delete_model(model_id: str, request: Request, session: SessionDep, settings: SettingsDep, _: ApiKey) -> Response:
+    onnx_path = service.delete(session, model_id)
+    session.commit()  # the file goes only once the rows are gone
+    request.app.state.models.forget(model_id)
+    settings.artifacts.resolve(onnx_path).unlink(missing_ok=True)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{model_id}/onnx", response_class=FileResponse, summary="Download the ONNX file",

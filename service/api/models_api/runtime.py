@@ -127,6 +127,18 @@ class ModelCache:
     on_batch: Callable[[int], None] = lambda size: None
     _models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _loop: asyncio.AbstractEventLoop | None = None  # the loop serving the models, once one was loaded
+
+    def forget(self, model_id: str) -> None:
+        """Drop a deleted model; callable from any thread (the endpoints that delete run in a thread pool).
+        Scheduled on the serving loop before the deleting request is answered, so no later request finds it."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._drop, model_id)
+
+    def _drop(self, model_id: str) -> None:
+        loaded = self._models.pop(model_id, None)
+        if loaded is not None and loaded.batcher is not None:
+            asyncio.ensure_future(loaded.batcher.close())  # requests already queued are still answered
 
     async def get(self, model_id: str, lookup: Callable[[str], ServingRecord],
                   artifacts: ArtifactLayout) -> LoadedModel:
@@ -137,6 +149,7 @@ class ModelCache:
             self._models.move_to_end(model_id)
             return loaded
         async with self._lock:
+            self._loop = asyncio.get_running_loop()
             if model_id in self._models:
                 return self._models[model_id]
             record = await asyncio.to_thread(lookup, model_id)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy import delete as delete_rows
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from models.contract.layout import ONNX_KIND
 from models.contract.metrics import GroupSummary
 from service.api.models_api.schemas import ModelPublic, Parity
 from service.store.errors import ResourceConflict, ResourceNotFound
-from service.store.orm import ModelRow, RunRow
+from service.store.orm import ArtifactRow, ModelRow, RunRow, RunStatus
 
 
 def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow]:
@@ -20,8 +22,21 @@ def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow]:
         run = session.get(RunRow, model_id)
         if run is None:
             raise ResourceNotFound(f"model {model_id} not found")
+        if run.status == RunStatus.succeeded:
+            raise ResourceNotFound(f"model {model_id} was deleted (its run is kept)")
         raise ResourceConflict(f"run {model_id} is {run.status}: it has no exported model yet")
     return row, session.get(RunRow, model_id)
+
+
+def delete(session: Session, model_id: str) -> str:
+    """Delete a model's row and its ONNX artifact row (the run stays, with no model); returns the stored path
+    of the file to remove once the deletion is committed."""
+    row, _ = get(session, model_id)
+    onnx_path = row.onnx_path
+    session.execute(delete_rows(ArtifactRow).where(ArtifactRow.run_id == model_id, ArtifactRow.kind == ONNX_KIND))
+    session.delete(row)
+    session.flush()
+    return onnx_path
 
 
 def to_public(row: ModelRow, run: RunRow) -> ModelPublic:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -106,6 +107,18 @@ def run_logs(run_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     text, _ = events.new_log_text(path, 0)
     return PlainTextResponse(text.decode("utf-8", errors="replace"))
+
+
+@router.delete("/{run_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(404, 409),
+               summary="Delete a finished run with its metrics, model and files (409 while others reuse its stage 1)")
+def delete_run(run_id: str, request: Request, session: SessionDep, settings: SettingsDep, _: ApiKey,
+               force: bool = Query(False, description="also delete the runs that reuse its stage 1")) -> Response:
+    deleted = runs.delete(session, [run_id], force)
+    session.commit()  # the files go only once the rows are gone
+    for deleted_id in deleted:
+        request.app.state.models.forget(deleted_id)
+        shutil.rmtree(settings.artifacts.run(deleted_id).root, ignore_errors=True)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic, status_code=status.HTTP_202_ACCEPTED,
