@@ -21,6 +21,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=settings.queue_name,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        worker_log_color=False,  # log lines are JSON, on a terminal too: no colour codes inside them
     )
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # an unacknowledged task (its worker died) is delivered again after this long; the stale-run
