@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from models.contract.config import (
     PAPER_MILESTONES,
@@ -17,6 +18,7 @@ from models.contract.config import (
     PAPER_WARMUP_EPOCHS,
     LocalTrainConfig,
     scaled_schedule,
+    validation_sentence,
 )
 
 
@@ -215,7 +217,7 @@ def demo_command(args: argparse.Namespace) -> int:
     from h2t.demo import run_local_demo, run_service_demo
 
     if args.local:
-        return run_local_demo()
+        return run_local_demo(stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs)
     return run_service_demo(args.stage1_epochs, args.stage2_epochs)
 
 
@@ -261,10 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ValidationError as exc:  # one line per wrong field, without pydantic's links
+        print(f"h2t {args.command}: error: {validation_sentence(exc)}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as exc:
         print(f"h2t {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.command == "demo":
+            print("\nh2t demo: stopped", file=sys.stderr)
+            return 130
         if args.command != "train":
             raise
         # every finished epoch is checkpointed: the same command carries on from the last one

@@ -44,18 +44,22 @@ def demo_config(stage1_epochs: int | None = None, stage2_epochs: int | None = No
     return DEMO_CONFIG.model_copy(update={"stage1": stage1, "stage2": stage2})
 
 
-def run_local_demo(folder: RunFolder | None = None) -> int:
-    """The same training in this process, without the service; in a scratch folder unless one is given."""
+def run_local_demo(folder: RunFolder | None = None, stage1_epochs: int | None = None,
+                   stage2_epochs: int | None = None) -> int:
+    """The same training in this process, without the service; in a scratch folder unless one is given.
+    SIGTERM ends it like Ctrl-C (the scratch folder is removed on the way out)."""
     from models.contract.reporting import group_table
     from models.core.data import load_dataset
     from models.core.train import resolve_device, train_two_stage
 
-    dataset = load_dataset(DEMO_CONFIG.dataset)
+    config = demo_config(stage1_epochs, stage2_epochs)
+    dataset = load_dataset(config.dataset)
     device = resolve_device()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwinds like Ctrl-C: the scratch folder goes
     print(f"demo: {dataset.name}, {len(dataset.train)} long-tailed training images "
           f"(per class {dataset.train_counts()}), {len(dataset.test)} test images, device {device}", flush=True)
     with tempfile.TemporaryDirectory(prefix="h2t-demo-") as tmp:
-        result = train_two_stage(dataset, DEMO_CONFIG, folder or RunFolder(Path(tmp)), device,
+        result = train_two_stage(dataset, config, folder or RunFolder(Path(tmp)), device,
                                  on_epoch=lambda m: print(epoch_line(m), flush=True))
     print()
     print(group_table(result.report, dataset.train_counts(), dataset.test_counts(), result.groups))

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     Tag,
     TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -164,6 +165,18 @@ class GroupConfig(_Frozen):
             if not (a0 == 0 and a0 < a1 == b0 < b1 == c0 < c1):
                 raise ValueError("slices must be contiguous, non-empty and start at 0, e.g. [[0,36],[36,71],[71,100]]")
         return self
+
+
+def validation_sentence(error: ValidationError) -> str:
+    """A config's validation errors as one sentence a user reads: `stage2.rho: Input should be less than or
+    equal to 1 (got 2); ...`, without pydantic's links."""
+    parts = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        given = item.get("input")
+        shown = f" (got {given!r})" if isinstance(given, (int, float, str, bool)) and len(repr(given)) <= 40 else ""
+        parts.append(f"{where}: {item['msg']}{shown}" if where else f"{item['msg']}{shown}")
+    return "; ".join(parts)
 
 
 PAPER_STAGE1_EPOCHS, PAPER_WARMUP_EPOCHS, PAPER_MILESTONES = 200, 5, (160, 180)

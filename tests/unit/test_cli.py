@@ -123,3 +123,18 @@ def test_a_run_config_given_only_epochs_scales_the_paper_schedule():
     assert (Stage1Config(epochs=20).warmup_epochs, Stage1Config(epochs=20).milestones) == (1, (16, 18))
     assert Stage1Config(epochs=400).milestones == (320, 360) and Stage1Config().milestones == (160, 180)
     assert Stage1Config(epochs=20, milestones=[10]).warmup_epochs == 5  # one of them set: the other is the default
+
+
+def test_demo_local_honours_its_epoch_flags(capsys):
+    assert main(["demo", "--local", "--stage1-epochs", "1", "--stage2-epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1 epoch   1/1" in printed and "stage 2 epoch   1/1" in printed and "epoch   2/" not in printed
+
+
+def test_a_bad_config_is_one_sentence_per_field_without_links(tmp_path, capsys):
+    body = {"dataset": TINY_DATASET, "stage1": {"epochs": 0}, "stage2": {"rho": 2}, "bogus": 1}
+    assert main(["train", "--config", str(_config(tmp_path, body)), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == ("h2t train: error: stage1.epochs: Input should be greater than or equal to 1 (got 0); "
+                     "stage2.rho: Input should be less than or equal to 1 (got 2); "
+                     "bogus: Extra inputs are not permitted (got 1)")
