@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stage1-epochs", type=int, help="shorten the demo's stage 1 (default 20 epochs)")
     demo.add_argument("--stage2-epochs", type=int, help="shorten the demo's stage 2 (default 10 epochs)")
     demo.set_defaults(func=demo_command)
+
+    from h2t.client_commands import add_client_commands
+
+    add_client_commands(commands)
     return parser
 
 

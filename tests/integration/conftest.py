@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import sqlalchemy as sa
@@ -27,6 +30,7 @@ from service.store.migrate import upgrade_head
 from service.store.orm import ArtifactRow, MetricRow
 from service.store.settings import Settings
 from tests.conftest import SHARED_DATA
+from tests.helpers import wait_for
 
 PG_URL = os.environ.get("H2T_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("H2T_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -256,3 +260,39 @@ def stored_artifacts(database_url: str) -> list[tuple[str, str]]:
     """Every artifact row of a test's database as (run_id, kind), sorted: a duplicate shows."""
     with session_scope(database_url) as session:
         return sorted(tuple(row) for row in session.execute(sa.select(ArtifactRow.run_id, ArtifactRow.kind)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def api_server(settings: Settings, log_path: Path, **env: str) -> Iterator[str]:
+    """`python -m h2t serve` on a spare port, configured by `settings` (and `env`); yields its base URL."""
+    port = _free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "h2t", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "WARNING"],
+            cwd=REPO, env={**settings_env(settings), **env}, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(base_url), 60, "the API server to answer /healthz")
+        assert process.poll() is None, f"the API server exited:\n{log_path.read_text()[-3000:]}"
+        yield base_url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

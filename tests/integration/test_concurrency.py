@@ -6,61 +6,18 @@ from __future__ import annotations
 
 import io
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.store.settings import Settings
-from tests.helpers import TINY_DATASET, submit_run, tiny_run_config, wait_for, wait_for_run
-from tests.integration.conftest import API_KEY, REPO, settings_env, spawn_worker
+from tests.helpers import TINY_DATASET, submit_run, tiny_run_config, wait_for_run
+from tests.integration.conftest import API_KEY, api_server, spawn_worker
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-@contextmanager
-def _api_server(settings: Settings, log_path: Path, **env: str) -> Iterator[str]:
-    """`python -m h2t serve` on a spare port, configured by `settings` (and `env`); yields its base URL."""
-    port = _free_port()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "h2t", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "WARNING"],
-            cwd=REPO, env={**settings_env(settings), **env}, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: process.poll() is not None or _answers(base_url), 60, "the API server to answer /healthz")
-        assert process.poll() is None, f"the API server exited:\n{log_path.read_text()[-3000:]}"
-        yield base_url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _client(base_url: str) -> httpx.Client:
@@ -101,7 +58,7 @@ def test_a_get_right_after_every_201_or_202_sees_the_write_under_concurrent_clie
                 seen.append(("cancel", run_id, read.status_code, f"{cancelled.json()['status']} -> {_status(read)}"))
         return seen
 
-    with _api_server(settings, tmp_path / "api.log") as base_url:
+    with api_server(settings, tmp_path / "api.log") as base_url:
         started = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:
             seen = [pair for client in pool.map(rounds, range(CLIENTS)) for pair in client]
@@ -134,7 +91,7 @@ def test_predicts_against_more_models_than_the_cache_holds_all_answer_while_mode
     worker = spawn_worker(settings, tmp_path / "worker.log")
     try:
         # a batch waits up to 50 ms for more requests, so evictions find requests queued in the batcher
-        with _api_server(settings, tmp_path / "api.log", H2T_MODEL_CACHE_SIZE=str(CACHE_SIZE),
+        with api_server(settings, tmp_path / "api.log", H2T_MODEL_CACHE_SIZE=str(CACHE_SIZE),
                          H2T_PREDICT_MAX_WAIT_MS="50") as base_url:
             with _client(base_url) as api:
                 dataset = api.post("/v1/datasets", json=TINY_DATASET).json()["id"]

@@ -1,0 +1,244 @@
+"""`h2t datasets|runs|models|predict`: the service from the command line, through `h2t.client.Client`.
+
+Every verb takes --url/--api-key (else H2T_URL/H2T_API_KEY) and --json (the API's answer as JSON, for
+scripts); errors are one line on stderr and the exit codes of `h2t.client` (0 done, 1 the watched run ended
+failed or cancelled, 2 refused, 3 API key, 4 not found, 5 service unreachable or failing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from h2t.client import ApiError, Client
+from models.contract.metrics import EpochMetrics, StepProgress
+from models.contract.reporting import epoch_line, group_rows_table, progress_line
+
+WATCH_PROGRESS_S = 10.0  # a progress line at most this often while watching
+
+
+def add_client_commands(commands: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the service, e.g. http://gpu-host:8000 (default: $H2T_URL, else "
+                        "http://127.0.0.1:8000)")
+    common.add_argument("--api-key", help="default: $H2T_API_KEY")
+    common.add_argument("--json", action="store_true", help="print the API's answer as JSON")
+
+    datasets = commands.add_parser("datasets", help="datasets on a running service").add_subparsers(
+        dest="verb", required=True)
+    create = datasets.add_parser("create", parents=[common], help="register a builtin set or one by reference")
+    create.add_argument("spec", help='a JSON or YAML file, or inline JSON: {"folder": "pets", "image_size": 224}')
+    upload = datasets.add_parser("upload", parents=[common], help="upload a zip or tar.gz ImageFolder archive")
+    upload.add_argument("archive", type=Path)
+    upload.add_argument("--image-size", type=int)
+    upload.add_argument("--name")
+    datasets.add_parser("list", parents=[common])
+    for verb in ("show", "delete"):
+        parser = datasets.add_parser(verb, parents=[common])
+        parser.add_argument("id")
+        if verb == "delete":
+            parser.add_argument("--force", action="store_true", help="also delete the runs on it")
+
+    runs = commands.add_parser("runs", help="training runs on a running service").add_subparsers(
+        dest="verb", required=True)
+    submit = runs.add_parser("submit", parents=[common], help="queue a run: a run config YAML (as for h2t train, "
+                             "its dataset: left out) on a dataset of the service")
+    submit.add_argument("config", type=Path)
+    submit.add_argument("--dataset", help="the dataset's id (or dataset_id: in the file)")
+    submit.add_argument("--stage1-from", help="reuse this succeeded run's stage 1")
+    submit.add_argument("--name")
+    submit.add_argument("--tag", action="append", default=[])
+    submit.add_argument("--watch", action="store_true", help="follow it to its end: progress with ETA, each epoch, "
+                        "then the per-group table; exit 1 if it fails or is cancelled")
+    listing = runs.add_parser("list", parents=[common])
+    for option in ("--status", "--dataset-id", "--method", "--stage1-from", "--name", "--sort"):
+        listing.add_argument(option)
+    listing.add_argument("--tag", action="append", default=[])
+    listing.add_argument("--limit", type=int, default=50)
+    for verb in ("show", "cancel", "logs", "delete"):
+        parser = runs.add_parser(verb, parents=[common])
+        parser.add_argument("id")
+        if verb in ("cancel", "delete"):
+            parser.add_argument("--force", action="store_true", help="cancel: end it at once; delete: also the runs "
+                                "reusing its stage 1")
+        if verb == "logs":
+            parser.add_argument("--follow", action="store_true", help="keep printing until the run ends")
+
+    models = commands.add_parser("models", help="exported models on a running service").add_subparsers(
+        dest="verb", required=True)
+    models.add_parser("list", parents=[common])
+    for verb in ("show", "calibration", "download", "delete"):
+        parser = models.add_parser(verb, parents=[common])
+        parser.add_argument("id")
+        if verb == "download":
+            parser.add_argument("-o", "--output", type=Path, help="default: h2t-<id>.onnx")
+
+    predict = commands.add_parser("predict", parents=[common], help="classify image files with a served model")
+    predict.add_argument("model")
+    predict.add_argument("files", nargs="+", type=Path)
+    predict.add_argument("--top-k", type=int, default=3)
+
+    for name in ("datasets", "runs", "models", "predict"):
+        commands.choices[name].set_defaults(func=client_command)
+
+
+def client_command(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.url, args.api_key) as client:
+            return _dispatch(client, args)
+    except ApiError as exc:
+        print(f"h2t {args.command}: error: {exc.detail}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _dispatch(client: Client, args: argparse.Namespace) -> int:
+    verb = getattr(args, "verb", None)
+    match args.command, verb:
+        case "datasets", "create":
+            return _show(args, client.create_dataset(_read_mapping(args.spec)), _dataset_line)
+        case "datasets", "upload":
+            return _show(args, client.upload_dataset(args.archive, args.image_size, args.name), _dataset_line)
+        case "datasets", "list":
+            return _show_list(args, client.datasets(), _dataset_line)
+        case "datasets", "show":
+            return _show(args, client.dataset(args.id), _dataset_line)
+        case "datasets", "delete":
+            client.delete_dataset(args.id, args.force)
+            return _done(args, f"deleted dataset {args.id}")
+        case "runs", "submit":
+            return _submit(client, args)
+        case "runs", "list":
+            return _show_list(args, client.runs(status=args.status, dataset_id=args.dataset_id, method=args.method,
+                                                stage1_from=args.stage1_from, name=args.name, tag=args.tag,
+                                                sort=args.sort, limit=args.limit), _run_line)
+        case "runs", "show":
+            return _show(args, client.run(args.id), _run_line)
+        case "runs", "cancel":
+            return _show(args, client.cancel_run(args.id, args.force), _run_line)
+        case "runs", "delete":
+            client.delete_run(args.id, args.force)
+            return _done(args, f"deleted run {args.id}")
+        case "runs", "logs":
+            lines = client.follow_logs(args.id) if args.follow else client.logs(args.id).splitlines()
+            for line in lines:
+                print(line, flush=True)
+            return 0
+        case "models", "list":
+            return _show_list(args, client.models(), _model_line)
+        case "models", "show":
+            return _show(args, client.model(args.id), _model_line)
+        case "models", "calibration":
+            report = client.calibration(args.id)
+            return _show(args, report, lambda r: json.dumps(r, indent=1))
+        case "models", "download":
+            path = client.download_model(args.id, args.output or Path(f"h2t-{args.id}.onnx"))
+            return _done(args, f"wrote {path}")
+        case "models", "delete":
+            client.delete_model(args.id)
+            return _done(args, f"deleted model {args.id}")
+        case "predict", _:
+            answer = client.predict(args.model, args.files, args.top_k)
+            if args.json:
+                print(json.dumps(answer))
+                return 0
+            for path, prediction in zip(args.files, answer["predictions"], strict=True):
+                best = prediction["predicted"]
+                print(f"{path}: {best['class_name']} ({100 * best['probability']:.1f} %, {best['group']} class)")
+            return 0
+    raise AssertionError(f"unhandled command {args.command} {verb}")
+
+
+def _submit(client: Client, args: argparse.Namespace) -> int:
+    body = _read_mapping(str(args.config))
+    body.pop("dataset", None)  # an h2t train config names its dataset; here the service's dataset is named by id
+    if args.dataset:
+        body["dataset_id"] = args.dataset
+    if args.stage1_from:
+        body["stage1_from"] = args.stage1_from
+    if "dataset_id" not in body:
+        raise ApiError(422, "name the dataset: --dataset ID, or dataset_id: in the file")
+    run = client.submit_run(body, args.name, args.tag)
+    if not args.watch:
+        return _show(args, run, _run_line)
+    if not args.json:
+        print(f"run {run['id']} {run['status']}", flush=True)
+    status, printed_at = run["status"], 0.0
+    for kind, data in client.events(run["id"]):
+        if args.json:
+            continue
+        if kind == "status" and data["status"] != status:
+            status = data["status"]
+            print(f"run {run['id']} {status}", flush=True)
+        elif kind == "epoch":
+            print(epoch_line(EpochMetrics.model_validate(data)), flush=True)
+        elif kind == "progress" and time.monotonic() - printed_at >= WATCH_PROGRESS_S:
+            printed_at = time.monotonic()
+            print(progress_line(StepProgress.model_validate(data)), flush=True)
+    final = client.run(run["id"])
+    if args.json:
+        print(json.dumps(final))
+    elif final["status"] == "succeeded":
+        last = client.metrics(run["id"])[-1]
+        dataset = client.dataset(final["dataset_id"])
+        print(f"\nlast epoch of stage 2 ({dataset['name']}):")
+        print(group_rows_table(dataset["groups"], dataset["train_counts"], dataset["test_counts"], {
+            "overall": (last["top1"], last["ece"]), "many": (last["many"], last["ece_many"]),
+            "medium": (last["medium"], last["ece_medium"]), "few": (last["few"], last["ece_few"])}))
+    else:
+        print(f"run {run['id']} ended {final['status']}" + (f": {final['error']}" if final["error"] else ""),
+              file=sys.stderr)
+    return 0 if final["status"] == "succeeded" else 1
+
+
+def _read_mapping(source: str) -> dict[str, Any]:
+    path = Path(source)
+    text = path.read_text() if path.is_file() else source
+    try:
+        value = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ApiError(422, f"{source} is neither a JSON/YAML file nor inline JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, f"{source} must hold a mapping")
+    return value
+
+
+def _show(args: argparse.Namespace, answer: dict, line: Any) -> int:
+    print(json.dumps(answer) if args.json else line(answer))
+    return 0
+
+
+def _show_list(args: argparse.Namespace, answer: dict, line: Any) -> int:
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        for item in answer["data"]:
+            print(line(item))
+        print(f"({len(answer['data'])} of {answer['count']})")
+    return 0
+
+
+def _done(args: argparse.Namespace, message: str) -> int:
+    print(json.dumps({"ok": True, "message": message}) if args.json else message)
+    return 0
+
+
+def _dataset_line(d: dict) -> str:
+    return f"{d['id']}  {d['status']:<8}  {d['name']}  {d.get('num_classes', '')} classes"
+
+
+def _run_line(r: dict) -> str:
+    where = f"stage {r['stage']} epoch {r['epoch']}/{r['total_epochs']}" if r["stage"] else ""
+    tags = f"  [{', '.join(r['tags'])}]" if r.get("tags") else ""
+    return f"{r['id']}  {r['status']:<10}  {where:<22}  {r.get('name') or ''}{tags}"
+
+
+def _model_line(m: dict) -> str:
+    overall = m.get("calibration", {}).get("overall", {})
+    accuracy = f"top-1 {100 * overall['accuracy']:.2f} %" if "accuracy" in overall else ""
+    return f"{m['id']}  {accuracy}"
