@@ -84,7 +84,18 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("files", nargs="+", type=Path)
     predict.add_argument("--top-k", type=int, default=3)
 
-    for name in ("datasets", "runs", "models", "predict"):
+    sweep = commands.add_parser("sweep", parents=[common], help="one stage 1, then a stage 2 per rho value and seed "
+                                "started from its checkpoint as soon as it exists")
+    sweep.add_argument("config", type=Path, help="the run config YAML of the stage-1 run (as for runs submit)")
+    sweep.add_argument("--dataset", help="the dataset's id (or dataset_id: in the file)")
+    sweep.add_argument("--rho", type=float, nargs="+", required=True, help="fusion ratios of the stage-2 runs")
+    sweep.add_argument("--seed", type=int, nargs="+", default=[0], help="stage-2 seeds (default 0)")
+    sweep.add_argument("--name", default="sweep", help="names the runs NAME stage 1, NAME rho=R seed=S")
+    sweep.add_argument("--tag", action="append", default=[])
+    sweep.add_argument("--watch", action="store_true", help="wait for every run, then print accuracy and calibration "
+                       "per rho and seed; exit 1 if any failed")
+
+    for name in ("datasets", "runs", "models", "predict", "sweep"):
         commands.choices[name].set_defaults(func=client_command)
 
 
@@ -142,6 +153,8 @@ def _dispatch(client: Client, args: argparse.Namespace) -> int:
         case "models", "delete":
             client.delete_model(args.id)
             return _done(args, f"deleted model {args.id}")
+        case "sweep", _:
+            return _sweep(client, args)
         case "predict", _:
             answer = client.predict(args.model, args.files, args.top_k)
             if args.json:
@@ -155,14 +168,9 @@ def _dispatch(client: Client, args: argparse.Namespace) -> int:
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
-    body = _read_mapping(str(args.config))
-    body.pop("dataset", None)  # an h2t train config names its dataset; here the service's dataset is named by id
-    if args.dataset:
-        body["dataset_id"] = args.dataset
+    body = _run_body(args)
     if args.stage1_from:
         body["stage1_from"] = args.stage1_from
-    if "dataset_id" not in body:
-        raise ApiError(422, "name the dataset: --dataset ID, or dataset_id: in the file")
     run = client.submit_run(body, args.name, args.tag)
     if not args.watch:
         return _show(args, run, _run_line)
@@ -194,6 +202,69 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         print(f"run {run['id']} ended {final['status']}" + (f": {final['error']}" if final["error"] else ""),
               file=sys.stderr)
     return 0 if final["status"] == "succeeded" else 1
+
+
+SWEEP_POLL_S = 1.0
+
+
+def _run_body(args: argparse.Namespace) -> dict[str, Any]:
+    body = _read_mapping(str(args.config))
+    body.pop("dataset", None)  # an h2t train config names its dataset; here the service's dataset is named by id
+    if args.dataset:
+        body["dataset_id"] = args.dataset
+    if "dataset_id" not in body:
+        raise ApiError(422, "name the dataset: --dataset ID, or dataset_id: in the file")
+    return body
+
+
+def _sweep(client: Client, args: argparse.Namespace) -> int:
+    """The stage-1 run (with its own stage 2), then one stage-2 run per (rho, seed) from its stage-1 checkpoint,
+    submitted as soon as its stage 2 has begun (the checkpoint is final then)."""
+    body = _run_body(args)
+    base = client.submit_run(body, f"{args.name} stage 1", args.tag)
+    say = (lambda text: None) if args.json else (lambda text: print(text, flush=True))
+    say(f"stage 1: run {base['id']}")
+    while True:
+        run = client.run(base["id"])
+        if run["stage"] == 2 and run["epoch"] >= 1 or run["status"] == "succeeded":
+            break
+        if run["status"] in ("failed", "cancelled"):
+            why = f": {run['error']}" if run["error"] else ""
+            raise ApiError(409, f"the stage-1 run {base['id']} ended {run['status']}{why}")
+        time.sleep(SWEEP_POLL_S)
+    stage2 = dict(body.get("stage2") or {})
+    stage2.pop("method", None)  # rho decides: 0 is DR, above 0 is H2T
+    submitted = []
+    for rho in args.rho:
+        for seed in args.seed:
+            child = {**body, "seed": seed, "stage1_from": base["id"], "stage2": {**stage2, "rho": rho}}
+            run = client.submit_run(child, f"{args.name} rho={rho:g} seed={seed}", [*args.tag, f"rho={rho:g}"])
+            submitted.append(run)
+            say(f"stage 2, rho {rho:g}, seed {seed}: run {run['id']}")
+    if not args.watch:
+        if args.json:
+            print(json.dumps({"stage1": base["id"], "runs": [r["id"] for r in submitted]}))
+        return 0
+    finals = []
+    for run in [base, *submitted]:
+        while (final := client.run(run["id"]))["status"] not in ("succeeded", "failed", "cancelled"):
+            time.sleep(SWEEP_POLL_S)
+        finals.append(final)
+    rows = []
+    for final in finals:
+        last = client.metrics(final["id"])[-1] if final["status"] == "succeeded" else None
+        rows.append({"run": final["id"], "name": final["name"], "status": final["status"],
+                     "rho": final["config"]["stage2"]["rho"], "seed": final["config"]["seed"],
+                     **({key: last[key] for key in ("top1", "many", "medium", "few", "ece")} if last else {})})
+    if args.json:
+        print(json.dumps({"stage1": base["id"], "runs": rows}))
+    else:
+        print(f"\n{'rho':>5} {'seed':>4} {'top-1':>6} {'many':>6} {'medium':>6} {'few':>6} {'ECE':>6}  run")
+        for row in sorted(rows, key=lambda r: (r["rho"], r["seed"])):
+            figures = " ".join(f"{100 * row[k]:6.2f}" for k in ("top1", "many", "medium", "few", "ece")) \
+                if "top1" in row else f"{row['status']:>34}"
+            print(f"{row['rho']:5g} {row['seed']:4d} {figures}  {row['run']}")
+    return 0 if all(row["status"] == "succeeded" for row in rows) else 1
 
 
 def _read_mapping(source: str) -> dict[str, Any]:

@@ -84,3 +84,25 @@ def test_exit_codes_say_what_went_wrong(settings, tmp_path):
         unreachable = _h2t("http://127.0.0.1:9", "runs", "list")
         assert unreachable.returncode == 5 and "cannot reach" in unreachable.stderr
         assert json.loads(_h2t(base_url, "runs", "list", "--json").stdout) == {"data": [], "count": 0}
+
+
+def test_a_sweep_trains_one_stage1_and_starts_each_stage2_from_it_before_it_ends(settings, start_worker, tmp_path):
+    start_worker()
+    start_worker()  # a second worker takes the stage-2 runs while the first still trains the stage-1 run's stage 2
+    with api_server(settings, tmp_path / "api.log") as base_url:
+        dataset_id = json.loads(_h2t(base_url, "datasets", "create", json.dumps(TINY_DATASET), "--json").stdout)["id"]
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml.safe_dump(tiny_run_config(stage2={"epochs": 25})))
+        swept = _h2t(base_url, "sweep", str(config), "--dataset", dataset_id, "--rho", "0", "0.5", "--seed", "0", "1",
+                     "--tag", "sweep-a", "--watch", "--json")
+        assert swept.returncode == 0, swept.stderr
+        result = json.loads(swept.stdout)
+        rows = {(row["rho"], row["seed"]) for row in result["runs"]}
+        assert rows == {(0.25, 0), (0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)}  # the stage-1 run's own, then the sweep's
+        runs = json.loads(_h2t(base_url, "runs", "list", "--tag", "sweep-a", "--json").stdout)["data"]
+        stage1 = [r for r in runs if r["stage1_from"] is None]
+        assert [r["id"] for r in stage1] == [result["stage1"]] and len(runs) == 5
+        finished_at = stage1[0]["finished_at"]
+        assert all(r["stage1_from"] == result["stage1"] and r["created_at"] < finished_at for r in runs
+                   if r["stage1_from"] is not None)  # submitted while the stage-1 run was still in its stage 2
+        assert all(r["status"] == "succeeded" for r in runs)

@@ -70,6 +70,12 @@ def check_pretrained_file(config: RunConfig, data_root: Path) -> None:
         raise InvalidInput(f"pretrained.file: no file {config.pretrained.file!r} under the data root")
 
 
+def stage1_finished(run: RunRow) -> bool:
+    """Whether `run` holds (or reused) a finished stage 1 another run can start from: it succeeded, or it
+    reused one, or its stage 2 has recorded an epoch (stage 2 starts from stage 1's final checkpoint)."""
+    return run.status == RunStatus.succeeded or run.stage1_from is not None or (run.stage == 2 and run.epoch >= 1)
+
+
 def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
     dataset = get_dataset(session, body.dataset_id)
     if dataset.status != DatasetStatus.ready:
@@ -89,8 +95,9 @@ def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
         source = session.get(RunRow, body.stage1_from)
         if source is None:
             raise ResourceNotFound(f"stage1_from: run {body.stage1_from} not found")
-        if source.status != RunStatus.succeeded:
-            raise ResourceConflict(f"stage1_from: run {source.id} is {source.status}, not succeeded")
+        if not stage1_finished(source):
+            raise ResourceConflict(f"stage1_from: run {source.id} has not finished its stage 1 ({source.status}, "
+                                   f"stage {source.stage or 1} epoch {source.epoch})")
         source_config = RunConfig.model_validate(source.config)
         if source.dataset_id != body.dataset_id or source_config.backbone != config.backbone:
             raise ResourceConflict("stage1_from: that run trained another dataset or backbone")
