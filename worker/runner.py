@@ -193,16 +193,20 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
     from models.core.ranks import SINGLE
     from models.core.train import TrainingCancelled, TrainingInterrupted, resolve_device
 
+    def act_on(status: RunStatus | None) -> None:
+        """What the store's answer to a report asks: stop without writing (claim lost), or stop as cancelled."""
+        if status is None:
+            raise ClaimLost
+        if status == RunStatus.cancelling:
+            raise TrainingCancelled
+
     def on_epoch(m: EpochMetrics) -> None:
         if beat.lost.is_set():
             raise ClaimLost
         status = in_store(settings, lambda session: runs.record_epoch(session, run_id, token, m),
                           f"recording epoch {m.epoch} of stage {m.stage} of run {run_id}")
         log.info("run %s %s", run_id, epoch_line(m), extra={"run_id": run_id})
-        if status is None:
-            raise ClaimLost
-        if status == RunStatus.cancelling:
-            raise TrainingCancelled
+        act_on(status)
 
     def on_progress(p: StepProgress) -> None:  # every few seconds inside an epoch: a cancel stops between steps
         if beat.lost.is_set():
@@ -213,10 +217,7 @@ def _train(run_id: str, settings: Settings, token: str, run: ClaimedRun, beat: H
         except sqlalchemy.exc.SQLAlchemyError:
             log.warning("could not record the progress of run %s", run_id, extra={"run_id": run_id})
             return
-        if status is None:
-            raise ClaimLost
-        if status == RunStatus.cancelling:
-            raise TrainingCancelled
+        act_on(status)
 
     def send_back(release: Callable[[Session], bool], why: str) -> Outcome:
         if in_store(settings, release, f"releasing run {run_id}"):

@@ -101,14 +101,17 @@ def _status(database_url: str, run_id: str) -> str:
 
 
 async def follow_log(database_url: str, run_id: str, path: Path, poll_s: float = POLL_S) -> AsyncIterator[bytes]:
-    """The run's log as it grows, line by line, until the run has finished and every line was sent."""
-    offset = 0
+    """The run's log as it grows, line by line, until the run has finished and every line was sent. The worker
+    writes its last line (the outcome) just after the run's status changes: the stream ends only when a read
+    one poll after the run was seen finished finds nothing new."""
+    offset, finished_before = 0, False
     while True:
         finished = await run_in_threadpool(_status, database_url, run_id) in {s.value for s in TERMINAL}
         chunk, _ = await run_in_threadpool(new_log_text, path, offset)  # read after the status: nothing is missed
         if chunk:
             offset += len(chunk)
             yield chunk
-        elif finished:
+        elif finished and finished_before:
             return
+        finished_before = finished
         await asyncio.sleep(poll_s)
