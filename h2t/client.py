@@ -65,8 +65,12 @@ class Client:
     def create_dataset(self, spec: dict[str, Any]) -> dict:
         return self._call("POST", "/v1/datasets", json=spec)
 
-    def upload_dataset(self, archive: Path, image_size: int | None = None, name: str | None = None) -> dict:
+    def upload_dataset(self, archive: Path, image_size: int | None = None, name: str | None = None,
+                       groups: dict | None = None) -> dict:
+        """`groups`: the dataset's many/medium/few definition (models.contract.config.GroupConfig's fields)."""
         fields = {key: str(value) for key, value in (("image_size", image_size), ("name", name)) if value is not None}
+        if groups is not None:
+            fields["groups"] = json.dumps(groups)
         with open(archive, "rb") as f:
             return self._call("POST", "/v1/datasets", files={"archive": (archive.name, f)}, data=fields)
 

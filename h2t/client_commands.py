@@ -18,7 +18,7 @@ import yaml
 
 from h2t.client import ApiError, Client
 from models.contract.metrics import EpochMetrics, StepProgress
-from models.contract.reporting import epoch_line, group_rows_table, progress_line
+from models.contract.reporting import epoch_line, group_rows_table, pct, progress_line
 
 WATCH_PROGRESS_S = 10.0  # a progress line at most this often while watching
 
@@ -33,11 +33,15 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     datasets = commands.add_parser("datasets", help="datasets on a running service").add_subparsers(
         dest="verb", required=True)
     create = datasets.add_parser("create", parents=[common], help="register a builtin set or one by reference")
-    create.add_argument("spec", help='a JSON or YAML file, or inline JSON: {"folder": "pets", "image_size": 224}')
+    create.add_argument("spec", help='a JSON or YAML file, or inline JSON: {"folder": "pets", "image_size": 224}; '
+                        'optional "groups": its many/medium/few definition')
     upload = datasets.add_parser("upload", parents=[common], help="upload a zip or tar.gz ImageFolder archive")
     upload.add_argument("archive", type=Path)
     upload.add_argument("--image-size", type=int)
     upload.add_argument("--name")
+    upload.add_argument("--groups", type=_json_object, help="its many/medium/few definition as JSON, e.g. "
+                        '\'{"many_threshold": 100, "few_threshold": 20}\' (the default) or '
+                        '\'{"slices": [[0,3],[3,7],[7,10]]}\'')
     datasets.add_parser("list", parents=[common])
     for verb in ("show", "delete"):
         parser = datasets.add_parser(verb, parents=[common])
@@ -114,7 +118,8 @@ def _dispatch(client: Client, args: argparse.Namespace) -> int:
         case "datasets", "create":
             return _show(args, client.create_dataset(_read_mapping(args.spec)), _dataset_line)
         case "datasets", "upload":
-            return _show(args, client.upload_dataset(args.archive, args.image_size, args.name), _dataset_line)
+            uploaded = client.upload_dataset(args.archive, args.image_size, args.name, args.groups)
+            return _show(args, uploaded, _dataset_line)
         case "datasets", "list":
             return _show_list(args, client.datasets(), _dataset_line)
         case "datasets", "show":
@@ -261,7 +266,7 @@ def _sweep(client: Client, args: argparse.Namespace) -> int:
     else:
         print(f"\n{'rho':>5} {'seed':>4} {'top-1':>6} {'many':>6} {'medium':>6} {'few':>6} {'ECE':>6}  run")
         for row in sorted(rows, key=lambda r: (r["rho"], r["seed"])):
-            figures = " ".join(f"{100 * row[k]:6.2f}" for k in ("top1", "many", "medium", "few", "ece")) \
+            figures = " ".join(pct(row[k], 6) for k in ("top1", "many", "medium", "few", "ece")) \
                 if "top1" in row else f"{row['status']:>34}"
             print(f"{row['rho']:5g} {row['seed']:4d} {figures}  {row['run']}")
     return 0 if all(row["status"] == "succeeded" for row in rows) else 1
@@ -299,8 +304,20 @@ def _done(args: argparse.Namespace, message: str) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def _dataset_line(d: dict) -> str:
-    return f"{d['id']}  {d['status']:<8}  {d['name']}  {d.get('num_classes', '')} classes"
+    sizes = ", ".join(f"{d['groups'].count(g)} {g}" for g in ("many", "medium", "few")) if d.get("groups") else ""
+    line = f"{d['id']}  {d['status']:<8}  {d['name']}  {d.get('num_classes', '')} classes"
+    return f"{line} ({sizes})" if sizes else line
 
 
 def _run_line(r: dict) -> str:

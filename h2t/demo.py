@@ -22,7 +22,7 @@ import httpx
 from models.contract.config import AugmentConfig, BuiltinDataset, LocalTrainConfig, Stage1Config, Stage2Config
 from models.contract.layout import RunFolder
 from models.contract.metrics import EpochMetrics
-from models.contract.reporting import epoch_line, group_rows_table
+from models.contract.reporting import epoch_line, group_rows_table, pct
 from service.store.orm import TERMINAL, RunStatus
 
 # scikit-learn's real 8x8 handwritten digits (shipped in its wheel), made long-tailed: 144 down to 7
@@ -182,9 +182,9 @@ def _drive(client: httpx.Client, config: LocalTrainConfig, processes: dict[str, 
     stage1_last = [m for m in metrics if m["stage"] == 1][-1]
     stage2_last = metrics[-1]
     print(f"\nstage 1 (CE) last epoch: top-1 {100 * stage1_last['top1']:.2f}%, "
-          f"few-shot {100 * stage1_last['few']:.2f}%")
+          f"few-shot {pct(stage1_last['few'])}%")
     print(f"stage 2 (H2T, rho {config.stage2.rho}) last epoch: top-1 {100 * stage2_last['top1']:.2f}%, "
-          f"few-shot {100 * stage2_last['few']:.2f}%\n")
+          f"few-shot {pct(stage2_last['few'])}%\n")
     print("last epoch of stage 2 on the held-out test split, from the stored metrics:")
     print(report_table(dataset, stage2_last))
     _predict_and_report(client, run["id"], config)
@@ -222,7 +222,7 @@ def _predict_and_report(client: httpx.Client, model_id: str, config: LocalTrainC
         best = prediction["predicted"]
         top = ", ".join(f"{c['label']}:{c['probability']:.2f}" for c in prediction["top_k"])
         print(f"{label:>4} {best['label']:>9} {best['probability']:>6.3f} {best['group']:>7} "
-              f"{100 * best['group_calibration']['accuracy']:>11.2f} {100 * best['group_calibration']['ece']:>11.2f}"
+              f"{pct(best['group_calibration']['accuracy'], 11)} {pct(best['group_calibration']['ece'], 11)}"
               f"   {top}")
     calibration = _check(client.get(f"/v1/models/{model_id}/calibration"))
     print("\ncalibration of the served ONNX model on the test split (GET .../calibration):")
@@ -230,4 +230,4 @@ def _predict_and_report(client: httpx.Client, model_id: str, config: LocalTrainC
     for name, group in calibration["groups"].items():
         bins = " ".join(f"{b['upper']:.2f}:{100 * b['accuracy']:.0f}%/{b['count']}"
                         for b in group["bins"] if b["count"])
-        print(f"{name:<8} {group['n']:>5} {100 * group['accuracy']:>7.2f} {100 * group['ece']:>7.2f}  {bins}")
+        print(f"{name:<8} {group['n']:>5} {pct(group['accuracy'], 7)} {pct(group['ece'], 7)}  {bins}")

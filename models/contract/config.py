@@ -166,6 +166,22 @@ class GroupConfig(_Frozen):
                 raise ValueError("slices must be contiguous, non-empty and start at 0, e.g. [[0,36],[36,71],[71,100]]")
         return self
 
+    def check_classes(self, num_classes: int) -> None:
+        """Raise ValueError where the slices do not cover exactly a dataset's classes."""
+        if self.slices is not None and self.slices[2][1] != num_classes:
+            raise ValueError(f"groups.slices must end at the dataset's {num_classes} classes, not {self.slices[2][1]}")
+
+
+PAPER_CIFAR100_SLICES = ((0, 36), (36, 71), (71, 100))  # the many/medium/few classes of the paper's CIFAR-100 tables
+
+
+def default_groups(spec: DatasetSpec) -> GroupConfig:
+    """The group definition a dataset gets unless its creator gives one: the paper's index slices for builtin
+    CIFAR-100 (so reports match its tables), the count thresholds (many > 100, few < 20) for any other."""
+    if isinstance(spec, BuiltinDataset) and spec.builtin == "cifar100":
+        return GroupConfig(slices=PAPER_CIFAR100_SLICES)
+    return GroupConfig()
+
 
 def validation_sentence(error: ValidationError) -> str:
     """A config's validation errors as one sentence a user reads: `stage2.rho: Input should be less than or
@@ -316,7 +332,9 @@ class RunConfig(_Frozen):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     backbone: BackboneName = "resnet32"
     precision: Precision = Field("auto", description="auto: bf16 autocast where the hardware has it, else fp32")
-    groups: GroupConfig = GroupConfig()
+    groups: GroupConfig | None = Field(
+        None, description="many/medium/few classes; default: the dataset's group definition (the service refuses "
+        "another, so every run and report on a dataset uses the same groups)")
     augment: AugmentConfig = AugmentConfig()
     loader: LoaderConfig = LoaderConfig()
     devices: int = Field(
@@ -346,4 +364,10 @@ class LocalTrainConfig(RunConfig):
     @model_validator(mode="after")
     def _streaming_needs_files(self) -> LocalTrainConfig:
         self.loader.streams(0, 1, isinstance(self.dataset, ReferenceDataset))
+        return self
+
+    @model_validator(mode="after")
+    def _groups_default_to_the_datasets(self) -> LocalTrainConfig:
+        if self.groups is None:
+            object.__setattr__(self, "groups", default_groups(self.dataset))
         return self

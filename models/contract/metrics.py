@@ -31,8 +31,10 @@ class ReliabilityBin(_Record):
 
 class GroupSummary(_Record):
     n: int = Field(description="evaluation images whose true class is in the group")
-    accuracy: float = Field(description="mean per-class accuracy over the group's classes, fraction")
-    ece: float = Field(description=f"expected calibration error, {N_BINS} equal-width bins, fraction")
+    accuracy: float | None = Field(description="mean per-class accuracy over the group's classes, fraction; null "
+                                   "where the group has no class with evaluation images")
+    ece: float | None = Field(description=f"expected calibration error, {N_BINS} equal-width bins, fraction; null "
+                              "where the group has no evaluation images")
 
 
 class GroupReport(GroupSummary):
@@ -54,13 +56,13 @@ class EpochMetrics(_Record):
     loss: float = Field(description="mean training loss over the epoch")
     lr: float
     top1: float = Field(description="on the evaluation split; accuracies and ECE are fractions in [0, 1]")
-    many: float
-    medium: float
-    few: float
+    many: float | None = Field(description="group accuracy; null where the group is empty (as for ece_*)")
+    medium: float | None
+    few: float | None
     ece: float
-    ece_many: float
-    ece_medium: float
-    ece_few: float
+    ece_many: float | None
+    ece_medium: float | None
+    ece_few: float | None
     train_seconds: float
     images_per_second: float
 
@@ -161,8 +163,9 @@ def evaluate_predictions(
     def report(mask: np.ndarray, classes: np.ndarray) -> GroupReport:
         bins = reliability_bins(confidences[mask], correct[mask], n_bins)
         present = classes[per_class_n[classes] > 0]
-        accuracy = float(np.mean(per_class_correct[present] / per_class_n[present])) if len(present) else 0.0
-        return GroupReport(n=int(mask.sum()), accuracy=accuracy, ece=ece_from_bins(bins), bins=bins)
+        accuracy = float(np.mean(per_class_correct[present] / per_class_n[present])) if len(present) else None
+        ece = ece_from_bins(bins) if mask.any() else None  # an empty group has no accuracy to report, not 0
+        return GroupReport(n=int(mask.sum()), accuracy=accuracy, ece=ece, bins=bins)
 
     top1 = float(correct.mean()) if len(correct) else 0.0
     overall_bins = reliability_bins(confidences, correct, n_bins)

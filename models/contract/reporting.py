@@ -5,8 +5,15 @@ from __future__ import annotations
 from models.contract.metrics import GROUP_NAMES, EpochMetrics, EvaluationReport, StepProgress
 
 
+def pct(fraction: float | None, width: int = 0, digits: int = 2) -> str:
+    """A fraction as a percentage right-aligned in `width`; "-" for a group without images (null)."""
+    text = "-" if fraction is None else f"{100 * fraction:.{digits}f}"
+    return f"{text:>{width}}"
+
+
 def group_rows_table(
-    groups: list[str], train_counts: list[int], test_counts: list[int], accuracy_ece: dict[str, tuple[float, float]]
+    groups: list[str], train_counts: list[int], test_counts: list[int],
+    accuracy_ece: dict[str, tuple[float | None, float | None]],
 ) -> str:
     """One row per group ("overall" first): classes, training and test images, accuracy and ECE in %.
 
@@ -16,7 +23,7 @@ def group_rows_table(
         members = [i for i, g in enumerate(groups) if name == "overall" or g == name]
         accuracy, ece = accuracy_ece[name]
         lines.append(f"{name:<8} {len(members):>7} {sum(train_counts[i] for i in members):>10} "
-                     f"{sum(test_counts[i] for i in members):>9} {100 * accuracy:>7.2f} {100 * ece:>7.2f}")
+                     f"{sum(test_counts[i] for i in members):>9} {pct(accuracy, 7)} {pct(ece, 7)}")
     return "\n".join(lines)
 
 
@@ -28,8 +35,8 @@ def group_table(report: EvaluationReport, train_counts: list[int], test_counts: 
 
 def epoch_line(m: EpochMetrics) -> str:
     return (f"stage {m.stage} epoch {m.epoch:>3}/{m.epochs} loss {m.loss:.4f} lr {m.lr:.5f} "
-            f"top1 {100 * m.top1:5.2f} many {100 * m.many:5.2f} med {100 * m.medium:5.2f} "
-            f"few {100 * m.few:5.2f} ECE {100 * m.ece:5.2f} ({m.images_per_second:.0f} img/s)")
+            f"top1 {pct(m.top1, 5)} many {pct(m.many, 5)} med {pct(m.medium, 5)} "
+            f"few {pct(m.few, 5)} ECE {pct(m.ece, 5)} ({m.images_per_second:.0f} img/s)")
 
 
 def duration(seconds: float) -> str:

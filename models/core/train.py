@@ -20,7 +20,7 @@ import torch
 
 from models.contract.config import RunConfig
 from models.contract.layout import RunFolder
-from models.contract.metrics import EpochMetrics, EvaluationReport, class_groups, evaluate_predictions
+from models.contract.metrics import DEFAULT_GROUPS, EpochMetrics, EvaluationReport, class_groups, evaluate_predictions
 from models.core.augment import normalize
 from models.core.backbones import ImageClassifier, build_classifier
 from models.core.data import Dataset
@@ -150,8 +150,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 
 
 def run_groups(dataset: Dataset, config: RunConfig) -> list[str]:
-    """The many/medium/few group of each class, as the run's config defines them."""
-    return class_groups(dataset.train_counts(), config.groups)
+    """The many/medium/few group of each class, as the run's config defines them (the service and `h2t train`
+    fill in the dataset's definition; a config without one gets the count thresholds)."""
+    return class_groups(dataset.train_counts(), config.groups or DEFAULT_GROUPS)
 
 
 @dataclass(frozen=True)

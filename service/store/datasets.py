@@ -32,6 +32,13 @@ UNREADABLE_LISTED = 1000  # files a dataset row lists of those its scan left out
 
 def scanned(session: Session, dataset_id: str, class_names: list[str], train_counts: list[int],
             test_counts: list[int], unreadable: list[dict]) -> bool:
+    """Record the scan's index; a group definition whose slices do not fit the classes found fails the dataset."""
+    row = session.get(DatasetRow, dataset_id)
+    if row is not None:
+        try:
+            row.group_config().check_classes(len(class_names))
+        except ValueError as exc:
+            return scan_failed(session, dataset_id, f"{exc} (found {len(class_names)} classes)")
     return _from_scanning(session, dataset_id, status=DatasetStatus.ready, class_names=class_names,
                           train_counts=train_counts, test_counts=test_counts,
                           unreadable=unreadable[:UNREADABLE_LISTED], unreadable_count=len(unreadable))

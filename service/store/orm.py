@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from models.contract.config import DATASET_SPEC, DatasetSpec
+from models.contract.config import DATASET_SPEC, DatasetSpec, GroupConfig
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -66,6 +66,8 @@ class DatasetRow(Base):
     train_counts: Mapped[list] = mapped_column(JSON)
     test_counts: Mapped[list] = mapped_column(JSON)
     image_size: Mapped[int] = mapped_column(Integer)
+    # a models.contract.config GroupConfig: the many/medium/few classes every run and report on it uses
+    group_definition: Mapped[dict] = mapped_column(JSON, default=lambda: GroupConfig().model_dump(mode="json"))
     status: Mapped[DatasetStatus] = mapped_column(
         Enum(DatasetStatus, name="dataset_status", native_enum=False, length=16), default=DatasetStatus.ready)
     error: Mapped[str | None] = mapped_column(Text)  # why the scan failed
@@ -77,6 +79,9 @@ class DatasetRow(Base):
 
     def dataset_spec(self) -> DatasetSpec:
         return DATASET_SPEC.validate_python(self.spec)
+
+    def group_config(self) -> GroupConfig:
+        return GroupConfig.model_validate(self.group_definition)
 
 
 class RunRow(Base):

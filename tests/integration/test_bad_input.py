@@ -237,7 +237,7 @@ CASES = [
         lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "stage1": {"epochs": -1}}),
     ),
     Case(
-        "group slices not the dataset's classes",
+        "run groups other than its dataset's",
         422,
         lambda c, ids: c.post(
             "/v1/runs", json={"dataset_id": ids["dataset"], "groups": {"slices": [[0, 3], [3, 6], [6, 100]]}}

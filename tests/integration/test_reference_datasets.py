@@ -137,3 +137,13 @@ def test_a_scan_whose_message_was_lost_is_sent_again_by_the_sweep(client, settin
         worker.stop()
     assert dataset["status"] == "ready", dataset["error"]
     assert "sent the scan of dataset" in worker.log()
+
+
+def test_a_scan_fails_a_dataset_whose_group_slices_miss_its_classes(client, reference_root, start_worker):
+    _, tree = reference_root
+    slices = [[0, 1], [1, 2], [2, len(tree.class_names) + 5]]
+    created = client.post("/v1/datasets", json={**tree.folder_spec, "groups": {"slices": slices}}).json()
+    start_worker()
+    dataset = _wait_scanned(client, created["id"])
+    assert dataset["status"] == "failed"
+    assert f"must end at the dataset's {len(tree.class_names)} classes" in dataset["error"]

@@ -9,6 +9,7 @@ from models.contract.config import (
     RunConfig,
     Stage1Config,
     Stage2Config,
+    default_groups,
 )
 
 
@@ -78,3 +79,23 @@ def test_the_embedded_defaults_live_under_one_home_and_explicit_settings_win(mon
     monkeypatch.setenv("H2T_BROKER_URL", "redis://127.0.0.1:6379/0")
     b = Settings(home=tmp_path / "b")
     assert (b.database_url, b.broker_url) == (f"sqlite:///{tmp_path}/b/h2t.db", "redis://127.0.0.1:6379/0")
+
+
+def test_a_builtin_cifar100_dataset_groups_by_the_papers_slices_and_others_by_counts():
+    cifar100 = BuiltinDataset(builtin="cifar100")
+    assert default_groups(cifar100).slices == ((0, 36), (36, 71), (71, 100))
+    assert default_groups(BuiltinDataset(builtin="cifar10")) == GroupConfig()
+    assert default_groups(FolderDataset(folder="pets")) == GroupConfig()
+
+
+def test_h2t_train_uses_the_datasets_groups_unless_the_file_sets_them():
+    base = {"dataset": {"builtin": "cifar100"}}
+    assert LocalTrainConfig.model_validate(base).groups.slices == ((0, 36), (36, 71), (71, 100))
+    explicit = LocalTrainConfig.model_validate({**base, "groups": {"many_threshold": 50}})
+    assert explicit.groups == GroupConfig(many_threshold=50)
+
+
+def test_group_slices_must_cover_the_datasets_classes():
+    GroupConfig(slices=((0, 3), (3, 6), (6, 10))).check_classes(10)
+    with pytest.raises(ValueError, match="must end at the dataset's 12 classes"):
+        GroupConfig(slices=((0, 3), (3, 6), (6, 10))).check_classes(12)

@@ -3,6 +3,7 @@ import pytest
 
 from models.contract.config import GroupConfig
 from models.contract.metrics import class_groups, evaluate_predictions, expected_calibration_error, reliability_bins
+from models.contract.reporting import group_table
 
 
 def _probs(conf_and_pred: list[tuple[float, int]], num_classes: int = 3) -> np.ndarray:
@@ -65,7 +66,9 @@ def test_group_accuracy_is_the_mean_of_per_class_accuracies():
     assert report.groups["many"].accuracy == pytest.approx(0.75)
     assert report.groups["few"].accuracy == pytest.approx(0.5)
     assert report.groups["few"].n == 2
-    assert report.groups["medium"].n == 0 and report.groups["medium"].ece == 0.0
+    # an empty group reports null, not a 0 % that reads as a measured failure
+    assert report.groups["medium"].n == 0
+    assert report.groups["medium"].accuracy is None and report.groups["medium"].ece is None
     # group ECE is over the group's samples only: few has 2 samples at 0.9 with 1 right
     assert report.groups["few"].ece == pytest.approx(0.4)
 
@@ -73,3 +76,11 @@ def test_group_accuracy_is_the_mean_of_per_class_accuracies():
 def test_expected_calibration_error_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         expected_calibration_error(np.ones((3, 2)) / 2, np.zeros(4, dtype=int))
+
+
+def test_tables_show_a_dash_for_an_empty_group():
+    probs = _probs([(0.9, 0), (0.9, 1)], num_classes=2)
+    report = evaluate_predictions(probs, np.array([0, 1]), ["many", "many"])
+    table = group_table(report, [200, 150], [1, 1], ["many", "many"])
+    few_row = table.splitlines()[-1].split()
+    assert few_row[0] == "few" and few_row[-2:] == ["-", "-"]

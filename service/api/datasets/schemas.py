@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter
+from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter, field_validator
 
 from models.contract.config import (
     BuiltinDataset,
     CocoDataset,
     FolderDataset,
+    GroupConfig,
     ImageSize,
     ListFilesDataset,
     dataset_tag,
@@ -19,6 +21,23 @@ from service.store.orm import NAME_LENGTH, DatasetStatus
 
 class DatasetOptions(BaseModel):
     name: str | None = Field(None, max_length=NAME_LENGTH, description="defaults to one made from the dataset")
+    groups: GroupConfig | None = Field(
+        None, description="the many/medium/few definition every run and report on the dataset uses; default: the "
+        "paper's index slices for builtin cifar100, count thresholds (many > 100, few < 20) otherwise. In a "
+        "multipart body, a JSON text")
+
+    @field_validator("groups", mode="before")
+    @classmethod
+    def _json_text(cls, value: object) -> object:  # a multipart form field carries the definition as JSON text
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError("groups must be a JSON object") from exc
+        return value
+
+
+OPTION_FIELDS = frozenset(DatasetOptions.model_fields)  # what a create body holds beside the dataset's spec
 
 
 class BuiltinDatasetCreate(BuiltinDataset, DatasetOptions):
@@ -74,7 +93,8 @@ class DatasetPublic(BaseModel):
     class_names: list[str]
     train_counts: list[int]
     test_counts: list[int]
-    groups: list[str] = Field(description="many/medium/few per class by training count (default thresholds)")
+    group_definition: GroupConfig = Field(description="how its classes split into many/medium/few")
+    groups: list[str] = Field(description="many/medium/few per class, by the group definition")
     image_size: int
     created_at: datetime
 

@@ -10,13 +10,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.contract.catalog import describe_builtin
-from models.contract.config import DATASET_SPEC, ArchiveDataset, BuiltinDataset
+from models.contract.config import DATASET_SPEC, ArchiveDataset, BuiltinDataset, DatasetSpec, default_groups
 from models.contract.metrics import class_groups
 from models.contract.reference import DatasetUnavailable, confine, spec_paths
 from service.api.datasets.archive import ArchiveLimits, extract_image_folder
 from service.api.datasets.schemas import (
+    OPTION_FIELDS,
     ArchiveDatasetForm,
     BuiltinDatasetCreate,
+    DatasetOptions,
     DatasetPublic,
     ReferenceDatasetCreate,
 )
@@ -31,13 +33,26 @@ def to_public(row: DatasetRow) -> DatasetPublic:
         id=row.id, name=row.name, kind=row.dataset_spec().kind, spec=row.spec,
         num_classes=len(row.class_names),
         class_names=row.class_names, train_counts=row.train_counts, test_counts=row.test_counts,
-        groups=class_groups(row.train_counts), image_size=row.image_size, created_at=row.created_at,
+        group_definition=row.group_config(), groups=class_groups(row.train_counts, row.group_config()),
+        image_size=row.image_size, created_at=row.created_at,
         status=row.status, error=row.error, unreadable=row.unreadable or [], unreadable_count=row.unreadable_count or 0,
     )
 
 
+def group_definition(body: DatasetOptions, spec: DatasetSpec, num_classes: int | None) -> dict:
+    """The dataset's stored group definition: the one given, else the default for its kind; slices are checked
+    against the classes where they are known (a dataset by reference is checked when it is scanned)."""
+    definition = body.groups or default_groups(spec)
+    if num_classes is not None:
+        try:
+            definition.check_classes(num_classes)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+    return definition.model_dump(mode="json")
+
+
 def create_builtin(session: Session, settings: Settings, body: BuiltinDatasetCreate) -> DatasetRow:
-    spec = BuiltinDataset.model_validate(body.model_dump(exclude={"name"}))
+    spec = BuiltinDataset.model_validate(body.model_dump(exclude=OPTION_FIELDS))
     try:
         summary = describe_builtin(spec, settings.data_root)
     except FileNotFoundError as exc:
@@ -45,7 +60,8 @@ def create_builtin(session: Session, settings: Settings, body: BuiltinDatasetCre
     name = body.name or f"{spec.builtin}-lt-{spec.profile}-if{spec.imbalance_factor:g}"
     row = DatasetRow(name=name, spec=spec.model_dump(mode="json"),
                      class_names=list(summary.class_names), train_counts=list(summary.train_counts),
-                     test_counts=list(summary.test_counts), image_size=summary.image_size)
+                     test_counts=list(summary.test_counts), image_size=summary.image_size,
+                     group_definition=group_definition(body, spec, len(summary.class_names)))
     session.add(row)
     session.flush()
     return row
@@ -54,14 +70,15 @@ def create_builtin(session: Session, settings: Settings, body: BuiltinDatasetCre
 def create_reference(session: Session, settings: Settings, body: ReferenceDatasetCreate) -> DatasetRow:
     """A dataset under the data root, `scanning` until a worker has read its index. Its paths are confined
     here (symlinks followed) before anything is written, and again by the scan."""
-    spec = DATASET_SPEC.validate_python(body.model_dump(exclude={"name"}))
+    spec = DATASET_SPEC.validate_python(body.model_dump(exclude=OPTION_FIELDS))
     try:
         confine(spec, settings.data_root)
     except DatasetUnavailable as exc:
         raise InvalidInput(str(exc)) from exc
     row = DatasetRow(name=body.name or f"{spec.kind}:{spec_paths(spec)[0]}"[:NAME_LENGTH],
                      spec=spec.model_dump(mode="json"), class_names=[], train_counts=[], test_counts=[],
-                     image_size=spec.image_size, status=DatasetStatus.scanning, enqueued_at=utcnow())
+                     image_size=spec.image_size, status=DatasetStatus.scanning, enqueued_at=utcnow(),
+                     group_definition=group_definition(body, spec, None))
     session.add(row)
     session.flush()
     return row
@@ -82,7 +99,8 @@ def create_from_archive(
         spec = ArchiveDataset(archive=settings.artifacts.relative(final), image_size=form.image_size)
         row = DatasetRow(id=dataset_id, name=form.name or default_name, spec=spec.model_dump(mode="json"),
                          class_names=list(summary.class_names), train_counts=list(summary.train_counts),
-                         test_counts=list(summary.test_counts), image_size=form.image_size)
+                         test_counts=list(summary.test_counts), image_size=form.image_size,
+                         group_definition=group_definition(form, spec, len(summary.class_names)))
         session.add(row)
         session.flush()
         return row

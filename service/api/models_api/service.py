@@ -66,7 +66,7 @@ class ServingRecord:
     sha256: str
     class_names: tuple[str, ...]
     groups: tuple[str, ...]
-    group_calibration: dict[str, dict[str, float]]  # group -> n, accuracy, ece
+    group_calibration: dict[str, dict[str, float | None]]  # group -> n, accuracy, ece (null: empty group)
 
     @classmethod
     def from_row(cls, row: ModelRow) -> ServingRecord:

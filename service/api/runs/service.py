@@ -88,9 +88,11 @@ def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
         config.loader.streams(0, 1, isinstance(dataset.dataset_spec(), ReferenceDataset))
     except ValueError as exc:
         raise InvalidInput(f"loader.mode: {exc}") from exc
-    num_classes = len(dataset.class_names)
-    if config.groups.slices is not None and config.groups.slices[2][1] != num_classes:
-        raise InvalidInput(f"groups.slices must end at the dataset's {num_classes} classes")
+    definition = dataset.group_config()
+    if config.groups is not None and config.groups != definition:
+        raise InvalidInput(f"groups: runs on dataset {dataset.id} use its group definition "
+                           f"{definition.model_dump_json()}; leave groups out of the run")
+    config = config.model_copy(update={"groups": definition})
     if body.stage1_from is not None:
         source = session.get(RunRow, body.stage1_from)
         if source is None:
