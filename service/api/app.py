@@ -19,6 +19,7 @@ from service.api.models_api.endpoints import router as models_router
 from service.api.models_api.runtime import ModelCache
 from service.api.observability import Metrics, RequestTimer
 from service.api.runs.endpoints import router as runs_router
+from service.api.ui import ContentSecurityPolicy, install_ui_and_docs
 from service.store.queue import make_celery
 from service.store.settings import Settings, get_settings
 from service.store.sweep import sweep_once
@@ -108,10 +109,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.models.close()
 
     app = FastAPI(
-        title="H2T service", version="0.1.0", lifespan=lifespan,
+        title="H2T service", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
         description="Long-tailed image classification with H2T: datasets, two-stage training runs, "
                     "per-epoch metrics, and models with head/medium/tail calibration. /v1 needs an X-API-Key header; "
-                    "errors are RFC 9457 problem+json.",
+                    "errors are RFC 9457 problem+json. The dashboard is at /ui/.",
     )
     app.state.settings = settings
     app.state.celery = make_celery(settings)
@@ -123,8 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(runs_router)
     app.include_router(models_router)
+    install_ui_and_docs(app)
     app.add_middleware(BodySizeLimit, settings=settings)
     app.add_middleware(RequestTimer, metrics=metrics)
+    app.add_middleware(ContentSecurityPolicy)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
     def prometheus_metrics() -> PlainTextResponse:
