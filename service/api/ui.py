@@ -1,4 +1,4 @@
-"""The dashboard (`/ui/`) and the API documentation (`/docs`, `/redoc`), served from files shipped with the
+"""The dashboard (`/ui/`) and the API documentation (`/docs`, Swagger UI), served from files shipped with the
 package: nothing is loaded from the internet, so both work on an offline GPU server.
 
 The pages themselves hold no data and need no key; the dashboard asks the user for an API key and sends it
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fastapi_offline
 from fastapi import APIRouter, FastAPI
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,17 +21,16 @@ DOCS_ASSETS = Path(fastapi_offline.__file__).resolve().parent / "static"  # Swag
 DOCS_ASSETS_URL = "/docs-assets"
 
 # The dashboard's pages: scripts, styles and connections to this origin only; images also as blob: (the
-# thumbnails of dropped files) and data: (the empty favicon). Swagger UI and ReDoc inject inline styles and
-# ReDoc runs a web worker from a blob, so the docs pages allow those, still from this origin only.
+# thumbnails of dropped files) and data: (the empty favicon). Swagger UI's page starts it with an inline
+# script and it injects inline styles, so the docs page allows those, still from this origin only.
 UI_POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
              "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 DOCS_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-               "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; "
-               "frame-ancestors 'none'; base-uri 'none'")
+               "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
 class ContentSecurityPolicy:
-    """Adds the policy of its path to every HTML, script and style answer under /ui, /docs and /redoc."""
+    """Adds the policy of its path to every answer under /ui and /docs."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -39,7 +38,7 @@ class ContentSecurityPolicy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         policy = UI_POLICY if path == "/ui" or path.startswith("/ui/") else \
-            DOCS_POLICY if path.startswith(("/docs", "/redoc", DOCS_ASSETS_URL)) else None
+            DOCS_POLICY if path.startswith(("/docs", DOCS_ASSETS_URL)) else None
         if policy is None:
             return await self.app(scope, receive, send)
 
@@ -88,8 +87,3 @@ def install_ui_and_docs(app: FastAPI) -> None:
             # validatorUrl none: Swagger UI would otherwise ask swagger.io to validate the document
             swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True})
 
-    @app.get("/redoc", include_in_schema=False)
-    def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=app.openapi_url, title=title,
-                              redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
-                              redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png", with_google_fonts=False)

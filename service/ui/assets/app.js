@@ -424,6 +424,7 @@ async function viewCompare(_, params) {
     const ids = (params.get("ids") || "").split(",").filter(Boolean);
     runs = await Promise.all(ids.map((id) => api(`/v1/runs/${id}`)));
   }
+  runs.sort((a, b) => a.config.stage2.rho - b.config.stage2.rho || a.config.seed - b.config.seed);
   const finished = runs.filter((r) => r.latest_metrics && r.latest_metrics.stage === 2);
   const label = (r) => `${runTitle(r)} (ρ ${r.config.stage2.rho})`;
   const table = h("table", { "aria-label": "Compared runs" },
@@ -563,8 +564,8 @@ async function viewModel([id]) {
     h("h2", {}, "Predict"), drop, results,
     h("h2", {}, "Reliability on the test split, per group"),
     h("p", { class: "muted" }, "Bars: accuracy of the images whose top probability falls in each bin; the dashed " +
-      "diagonal is perfect calibration, red marks the gap to the bin's mean confidence."),
-    h("div", { class: "grid" }, diagrams));
+      "diagonal is perfect calibration, the dark line marks the gap to the bin's mean confidence."),
+    h("div", { class: "grid2" }, diagrams));
 }
 
 // ---------- datasets ----------
@@ -587,6 +588,11 @@ async function viewDatasets() {
       "No datasets yet: `h2t datasets create` or POST /v1/datasets."))])));
 }
 
+function single(figure) {  // a chart alone on its row keeps a readable size
+  figure.classList.add("single");
+  return figure;
+}
+
 async function viewDataset([id]) {
   const d = await api(`/v1/datasets/${id}`);
   const definition = d.group_definition.slices
@@ -602,8 +608,8 @@ async function viewDataset([id]) {
       ["groups", definition], ["unreadable files", d.unreadable_count], ...(d.error ? [["error", d.error]] : []),
     ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]))),
     d.status === "ready" ? h("div", {},
-      Charts.classCounts({ key: "class-counts", title: "Training images per class, coloured by group",
-        counts: d.train_counts, groups: d.groups, names: d.class_names }),
+      single(Charts.classCounts({ key: "class-counts", title: "Training images per class, coloured by group",
+        counts: d.train_counts, groups: d.groups, names: d.class_names })),
       h("h2", {}, "Groups"),
       h("table", {}, h("thead", {}, h("tr", {}, ["group", "classes", "train images", "test images"]
         .map((t, i) => h("th", { class: i ? "num" : null }, t)))),

@@ -7,6 +7,7 @@ const Charts = (() => {
   const SVG = "http://www.w3.org/2000/svg";
   const W = 560, H = 260, M = { top: 26, right: 14, bottom: 38, left: 52 };
   const COLORS = { overall: "#3a3f4b", many: "#2f6db5", medium: "#e08a1e", few: "#c23b3b" };
+  const GAP = "#14171f";  // the reliability gap: dark on every group's colour
   const PALETTE = ["#2457c5", "#c23b3b", "#24864a", "#e08a1e", "#7b4bb7", "#1a9aa0", "#8a6d3b", "#d6589b"];
 
   function el(tag, attrs = {}, text) {
@@ -174,12 +175,12 @@ const Charts = (() => {
         `accuracy ${percent(b.accuracy)}, mean confidence ${percent(b.confidence)}`));
       g.appendChild(bar);
       const gap = el("line", { x1: bx + bw / 2, x2: bx + bw / 2, y1: y(b.accuracy), y2: y(b.confidence),
-        stroke: "#c23b3b", "stroke-width": 2 });
+        stroke: GAP, "stroke-width": 2 });
       g.appendChild(gap);
     }
     svg.appendChild(g);
     svg.appendChild(el("line", { x1: x(0), y1: y(0), x2: x(1), y2: y(1), stroke: "#9aa1ae", "stroke-dasharray": "4 3" }));
-    return figure(svg, [{ name: "accuracy per bin", color }, { name: "gap to confidence", color: "#c23b3b" }]);
+    return figure(svg, [{ name: "accuracy per bin", color }, { name: "gap to the bin's mean confidence", color: GAP }]);
   }
 
   // one bar per class in label order, coloured by its group: the long tail at a glance
