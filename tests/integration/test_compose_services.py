@@ -24,7 +24,7 @@ from tests.helpers import create_tiny_dataset, metric_sample, submit_run, wait_f
 from tests.unit.test_deploy_files import resolved_compose
 
 pytestmark = pytest.mark.integration
-API_PORT = 8000  # as the api service's command says
+COMPOSE_API_PORT = "8000"  # as the api service's command says; run here on a spare port instead
 
 
 def _executable(name: str) -> str:
@@ -51,14 +51,21 @@ def _local_env(service: dict, database_url: str, redis_url: str, tmp_path: Path)
     }
 
 
-def _port_free(port: int) -> bool:
+def _spare_port() -> int:
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _on_port(command: list[str], port: int) -> list[str]:
+    """The api command with its --port value swapped, so a server already on 8000 here does not matter."""
+    at = command.index("--port")
+    assert command[at + 1] == COMPOSE_API_PORT, command
+    return [*command[:at + 1], str(port), *command[at + 2:]]
 
 
 def test_compose_commands_run_outside_docker_complete_a_run_and_move_the_metrics(make_database, redis_url, tmp_path):
-    if not _port_free(API_PORT):
-        pytest.fail(f"port {API_PORT}, which the api service's command binds, is taken on this machine")
+    api_port = _spare_port()
     services = resolved_compose(["docker-compose.yml"])["services"]
     database_url = make_database()  # empty: the migrate service creates the schema
     queue_env = None
@@ -78,6 +85,7 @@ def test_compose_commands_run_outside_docker_complete_a_run_and_move_the_metrics
         )
         for name in ("api", "worker"):
             command = services[name]["command"]
+            command = _on_port(command, api_port) if name == "api" else command
             log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
             processes.append(
                 subprocess.Popen(
@@ -89,7 +97,7 @@ def test_compose_commands_run_outside_docker_complete_a_run_and_move_the_metrics
                 )
             )
         key = envs["api"]["H2T_API_KEYS"].split(",")[0]
-        with httpx.Client(base_url=f"http://127.0.0.1:{API_PORT}", headers={"X-API-Key": key}, timeout=30) as api:
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"X-API-Key": key}, timeout=30) as api:
             wait_for(lambda: _ready(api), 90, "the api service's /readyz")
             before = api.get("/metrics").text
 
