@@ -26,7 +26,7 @@ def _h2t(base_url: str, *args: str, key: str = API_KEY) -> subprocess.CompletedP
 
 
 def test_the_client_commands_drive_a_run_from_submission_to_prediction(settings, start_worker, tmp_path):
-    start_worker()
+    start_worker(H2T_WORKER_DEVICES="2")  # two CPU processes for the failing two-device run at the end
     with api_server(settings, tmp_path / "api.log") as base_url:
         created = _h2t(base_url, "datasets", "create", json.dumps(TINY_DATASET), "--json")
         assert created.returncode == 0, created.stderr
@@ -71,6 +71,12 @@ def test_the_client_commands_drive_a_run_from_submission_to_prediction(settings,
         assert _h2t(base_url, "runs", "cancel", long_id, "--force").returncode == 0
         out, err = watcher.communicate(timeout=60)
         assert watcher.returncode == 1 and f"run {long_id} ended cancelled" in err
+
+        # a watched run that fails (SyncBatchNorm needs CUDA; these ranks are CPU processes): exit 1, and why
+        config.write_text(yaml.safe_dump(tiny_run_config(devices=2, sync_batchnorm=True)))
+        failed = _h2t(base_url, "runs", "submit", str(config), "--dataset", dataset_id, "--watch")
+        assert failed.returncode == 1, failed.stdout
+        assert "ended failed" in failed.stderr and "sync_batchnorm" in failed.stderr
 
 
 def test_exit_codes_say_what_went_wrong(settings, tmp_path):

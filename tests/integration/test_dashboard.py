@@ -8,6 +8,7 @@ without a console error and without a request leaving the server's origin. Each 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import shutil
@@ -194,6 +195,10 @@ def test_the_dashboard_follows_a_run_compares_rho_serves_predictions_and_cancels
         assert cells.nth(1).inner_text() == expected["label"]
         assert cells.nth(3).inner_text().strip() == expected["group"]
         page.screenshot(path=screenshots / "model.png", full_page=True)
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Download ONNX").click()
+        onnx_bytes = Path(download.value.path()).read_bytes()
+        assert hashlib.sha256(onnx_bytes).hexdigest() == http.get(f"/v1/models/{base['id']}").json()["onnx_sha256"]
         # the same with the file picker (the keyboard's way in)
         page.set_input_files("#images", files=[{"name": "other.png", "mimeType": "image/png", "buffer": digit_png(5)}])
         page.locator("table[aria-label=Predictions] td", has_text="other.png").wait_for()

@@ -414,7 +414,7 @@ function groupTable(rows, caption) {
 
 // ---------- comparison ----------
 
-async function viewCompare(_, params) {
+async function comparedRuns(params) {
   let runs;
   if (params.get("stage1_from")) {
     const root = params.get("stage1_from");
@@ -424,7 +424,22 @@ async function viewCompare(_, params) {
     const ids = (params.get("ids") || "").split(",").filter(Boolean);
     runs = await Promise.all(ids.map((id) => api(`/v1/runs/${id}`)));
   }
-  runs.sort((a, b) => a.config.stage2.rho - b.config.stage2.rho || a.config.seed - b.config.seed);
+  return runs.sort((a, b) => a.config.stage2.rho - b.config.stage2.rho || a.config.seed - b.config.seed);
+}
+
+async function viewCompare(_, params) {
+  let runs = await comparedRuns(params);
+  let shown = JSON.stringify(runs);
+  drawComparison(runs);
+  every(5000, () => quietly((async () => {  // while any run trains, redraw when one changed
+    if (!runs.some((r) => ACTIVE.has(r.status))) return;
+    runs = await comparedRuns(params);
+    const now = JSON.stringify(runs);
+    if (now !== shown) { shown = now; drawComparison(runs); }
+  })()));
+}
+
+function drawComparison(runs) {
   const finished = runs.filter((r) => r.latest_metrics && r.latest_metrics.stage === 2);
   const label = (r) => `${runTitle(r)} (ρ ${r.config.stage2.rho})`;
   const table = h("table", { "aria-label": "Compared runs" },
@@ -464,9 +479,6 @@ async function viewCompare(_, params) {
   viewRoot.replaceChildren(h("h1", {}, `Comparing ${runs.length} run(s)`),
     h("p", { class: "muted" }, "Figures are each run's last stage-2 epoch on the evaluation split; nothing is " +
       "chosen by its test accuracy."), table, h("h2", {}, "Charts"), h("div", { class: "grid" }, charts));
-  if (runs.some((r) => ACTIVE.has(r.status))) {
-    every(5000, () => { if (!document.activeElement || document.activeElement === document.body) route(); });
-  }
 }
 
 // ---------- models ----------
