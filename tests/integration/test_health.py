@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -25,6 +27,7 @@ def test_readyz_is_503_problem_json_when_a_dependency_is_down(settings, broken):
         response = test_client.get("/readyz")
         assert response.status_code == 503
         assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["status"] == 503  # the problem's numeric status, beside the checks
         checks = response.json()["checks"]
         assert checks[broken.split("_")[0]].startswith("error")
         assert test_client.get("/healthz").status_code == 200
@@ -52,3 +55,15 @@ def test_metrics_count_queued_runs_and_the_broker_queue_depth(client, settings):
     assert runs == {status: 2 if status == "queued" else 0 for status in RUN_STATUSES}
     assert metric_sample(text, "h2t_epochs_trained_total") == 0 and metric_sample(text, "h2t_models") == 0
     assert metric_sample(text, "h2t_store_up") == 1
+
+
+def test_the_dashboard_and_the_docs_load_nothing_from_elsewhere(client):
+    assert client.get("/", follow_redirects=False).headers["location"] == "/ui/"
+    page = client.get("/ui/")
+    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "connect-src 'self'" in docs.headers["content-security-policy"]
+    for html in (page.text, docs.text):
+        assert "http://" not in html and "https://" not in html
+        for asset in re.findall(r'(?:src|href)="(/[^"]+)"', html):
+            assert client.get(asset).status_code == 200, asset
