@@ -10,9 +10,11 @@ supervisor:
   progress inside an epoch goes the same way without the wait (`on_progress` may raise to cancel too);
 - the caller's `stop_requested` reaches rank 0, which stops every rank after its next checkpoint
   (`TrainingInterrupted` is raised here once they have);
-- a rank that raises ends the run with its message (`RankFailed`); a rank that dies without one (killed,
-  out of memory) ends it with `RankLost`: the others are killed within a poll interval either way, and
-  the last checkpoint stays valid for a resume;
+- a rank that raises ends the run with its message (`RankFailed`): the others' errors are gathered for up
+  to ERROR_GRACE_S and the run reports the cause, not a peer's "connection reset" that the supervisor may
+  have read first (`root_cause`); a rank that dies without a message (killed, out of memory) ends it with
+  `RankLost` within a poll interval; the others are killed either way, and the last checkpoint stays
+  valid for a resume;
 - no rank outlives the supervisor: each is killed by the kernel when its parent dies, and every exit of
   `launch` (return, exception, KeyboardInterrupt) kills and reaps whatever is still running.
 """
@@ -27,6 +29,7 @@ import pickle
 import shutil
 import signal
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from models.core.ranks import Ranks
 
 R = TypeVar("R")
 POLL_S = 0.2  # how soon a dead rank, a stop request or a finished run is noticed
+ERROR_GRACE_S = 2.0  # after a rank raised, how long the others may take to report theirs (to find the cause)
 COLLECTIVE_TIMEOUT = timedelta(hours=2)  # a rank waits this long for the others (rank 0 evaluates meanwhile)
 _PR_SET_PDEATHSIG = 1
 
@@ -54,9 +58,27 @@ class TrainingHooks:
 class RankFailed(Exception):
     """A rank raised an exception: the run fails with its message."""
 
-    def __init__(self, rank: int, type_name: str, text: str, details: str) -> None:
+    def __init__(self, rank: int, type_name: str, text: str, details: str, secondary: bool = False) -> None:
         super().__init__(f"{type_name}: {text}" if rank == 0 else f"rank {rank}: {type_name}: {text}")
         self.rank, self.type_name, self.text, self.details = rank, type_name, text, details
+        # a consequence of another rank's failure: a collective whose peer went away, or a rank that died after
+        self.secondary = secondary or _lost_peer(type_name, text)
+
+
+# What a rank's collective raises when a peer has gone: not the cause of the run's failure.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited", "Socket Timeout")
+
+
+def _lost_peer(type_name: str, text: str) -> bool:
+    return type_name in ("DistBackendError", "DistNetworkError") or any(sign in text for sign in _PEER_GONE)
+
+
+def root_cause(failures: dict[int, RankFailed]) -> RankFailed:
+    """The failure a run reports when several ranks failed: the lowest rank's own error, before any rank's
+    error about a peer that went away (whichever the supervisor happened to read first)."""
+    ordered = [failures[rank] for rank in sorted(failures)]
+    return next((f for f in ordered if not f.secondary), ordered[0])
 
 
 class RankLost(Exception):
@@ -149,22 +171,24 @@ def launch(world: int, device_type: str, job: Callable[..., R], args: tuple,
         for rank in range(world)
     ]
     results: dict[int, Any] = {}
+    failures: dict[int, RankFailed] = {}  # ranks that raised, gathered for ERROR_GRACE_S to find the cause
+    failed_by: float | None = None
     try:
         for process in processes:
             process.start()
         for _, child_end in links:
             child_end.close()
         while len(results) < world:
+            if failures and (time.monotonic() >= failed_by or len(results) + len(failures) == world):
+                raise root_cause(failures)
             if hooks.stop_requested():
                 stop.set()
-            waiting = [links[r][0] for r in range(world) if r not in results]
-            multiprocessing.connection.wait(waiting + [processes[r].sentinel for r in range(world)
-                                                       if r not in results], timeout=POLL_S)
-            for rank in range(world):
-                if rank in results:
-                    continue
+            live = [r for r in range(world) if r not in results and r not in failures]
+            multiprocessing.connection.wait([links[r][0] for r in live] + [processes[r].sentinel for r in live],
+                                            timeout=POLL_S)
+            for rank in live:
                 conn = links[rank][0]
-                while rank not in results and conn.poll():
+                while rank not in results and rank not in failures and conn.poll():
                     try:
                         message = pickle.loads(conn.recv_bytes())
                     except EOFError:  # the rank died: judged by its exit code below
@@ -182,9 +206,14 @@ def launch(world: int, device_type: str, job: Callable[..., R], args: tuple,
                     elif kind == "interrupted":
                         raise TrainingInterrupted(message[1])
                     else:
-                        raise RankFailed(rank, *message[1:])
-                if rank not in results and processes[rank].exitcode is not None:
+                        failures[rank] = RankFailed(rank, *message[1:])
+                        failed_by = failed_by or time.monotonic() + ERROR_GRACE_S
+                ended = rank not in results and rank not in failures and processes[rank].exitcode is not None
+                if ended and not failures:
                     raise RankLost(rank, processes[rank].exitcode)
+                if ended:  # it died after another rank raised: that rank's error is the run's
+                    failures[rank] = RankFailed(rank, "RankLost", str(RankLost(rank, processes[rank].exitcode)),
+                                                "", secondary=True)
         return results[0]
     finally:
         _end_all(processes)

@@ -191,3 +191,14 @@ def test_two_ranks_streaming_from_files_train_what_two_ranks_train_in_memory(tmp
     held = launch(2, "cpu", _files_two_stages, (str(tmp_path), str(tmp_path / "held"), LoaderConfig(mode="memory")))
     assert all(torch.equal(streamed[name], held[name]) for name in held)
     assert not live_descendants()
+
+
+def test_the_run_reports_the_raising_rank_not_a_peer_that_lost_its_connection():
+    from models.core.launch import RankFailed, root_cause
+
+    peer = RankFailed(0, "RuntimeError", "[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer", "")
+    cause = RankFailed(1, "OSError", "disk gone", "")
+    assert str(root_cause({0: peer, 1: cause})) == "rank 1: OSError: disk gone"
+    assert str(root_cause({0: peer})) == str(peer)  # with nothing better, the first
+    lost = RankFailed(0, "RankLost", "training process of rank 0 was killed by signal 9", "", secondary=True)
+    assert root_cause({0: lost, 1: cause}) is cause
