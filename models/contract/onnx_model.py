@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -140,7 +141,17 @@ def read_rgb(source: bytes | Path, image_size: int, max_pixels: int | None = Non
     except ValueError:
         raise
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"not a readable image ({exc})") from exc
+        raise ValueError(f"not a readable image ({image_error(exc)})") from exc
+
+
+def image_error(exc: Exception) -> str:
+    """Why Pillow could not read an image, as a user reads it: without the `<_io.BytesIO object at 0x...>`
+    Pillow names an in-memory file by."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "an unknown format; PNG, JPEG, BMP, GIF, TIFF and WebP are read"
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
 
 
 def decode_image(data: bytes, image_size: int, max_pixels: int, fit: Fit = "squash") -> np.ndarray:

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from models.contract.catalog import IMAGE_SUFFIXES
+from models.contract.onnx_model import image_error
 from service.store.errors import InvalidInput, PayloadTooLarge
 
 IGNORED_PARTS = ("__MACOSX",)  # metadata folders added by archivers
@@ -107,7 +108,7 @@ def _decode_checked(data: bytes, name: str, max_pixels: int) -> None:
     except InvalidInput:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(f"{name!r} is not a readable image: {exc}") from exc
+        raise InvalidInput(f"{name!r} is not a readable image: {image_error(exc)}") from exc
 
 
 def extract_image_folder(source: Path, dest: Path, limits: ArchiveLimits) -> FolderSummary:
