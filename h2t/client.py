@@ -92,8 +92,8 @@ class Client:
         return self._call("POST", "/v1/runs", json={**body, **labels})
 
     def runs(self, **filters: Any) -> dict:
-        """GET /v1/runs with its filters (status, dataset_id, method, stage1_from, name, tag=[...], sort, limit,
-        offset); None values are left out."""
+        """GET /v1/runs with its filters (status, dataset_id, method, stage1_from, name, search, tag=[...], sort,
+        limit, offset); None values are left out."""
         return self._call("GET", "/v1/runs", params={k: v for k, v in filters.items() if v not in (None, [], ())})
 
     def run(self, run_id: str) -> dict:

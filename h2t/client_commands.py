@@ -63,6 +63,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     listing = runs.add_parser("list", parents=[common])
     for option in ("--status", "--dataset-id", "--method", "--stage1-from", "--name", "--sort"):
         listing.add_argument(option)
+    listing.add_argument("--search", help="names containing this text, in any case (--name: exactly this name)")
     listing.add_argument("--tag", action="append", default=[])
     listing.add_argument("--limit", type=int, default=50)
     for verb in ("show", "cancel", "logs", "delete"):
@@ -132,7 +133,7 @@ def _dispatch(client: Client, args: argparse.Namespace) -> int:
         case "runs", "list":
             return _show_list(args, client.runs(status=args.status, dataset_id=args.dataset_id, method=args.method,
                                                 stage1_from=args.stage1_from, name=args.name, tag=args.tag,
-                                                sort=args.sort, limit=args.limit), _run_line)
+                                                search=args.search, sort=args.sort, limit=args.limit), _run_line)
         case "runs", "show":
             return _show(args, client.run(args.id), _run_line)
         case "runs", "cancel":

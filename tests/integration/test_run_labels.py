@@ -38,6 +38,8 @@ def test_runs_are_named_tagged_filtered_and_sorted(client, settings):
     assert _names(client, method="crt") == ["crt"]
     assert _names(client, status="succeeded") == ["stage 1"]
     assert _names(client, name="rho=0.25") == ["rho=0.25"]
+    assert _names(client, search="RHO") == ["rho=0.5", "rho=0.25"]  # within the name, any case
+    assert _names(client, search="%") == []  # a wildcard character is only itself
     assert _names(client, sort="name") == ["crt", "elsewhere", "rho=0.25", "rho=0.5", "stage 1"]
     assert _names(client, sort="-name", limit=2) == ["stage 1", "rho=0.5"]
     assert client.get("/v1/runs", params={"tag": "sweep-7"}).json()["count"] == 4

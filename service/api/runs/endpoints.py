@@ -39,7 +39,8 @@ def create_run(body: RunCreate, request: Request, response: Response, session: S
     return service.public(session, row)
 
 
-LIST_PARAMETERS = {"limit", "offset", "status", "dataset_id", "method", "stage1_from", "name", "tag", "sort"}
+LIST_PARAMETERS = {"limit", "offset", "status", "dataset_id", "method", "stage1_from", "name", "search", "tag",
+                   "sort"}
 SORT_PATTERN = "^-?(" + "|".join(service.SORT_KEYS) + ")$"
 
 
@@ -52,6 +53,7 @@ def list_runs(
     method: Annotated[Literal["h2t", "crt"] | None, Query(description="stage 2's method")] = None,
     stage1_from: Annotated[str | None, Query(max_length=36, description="runs that reused this run's stage 1")] = None,
     name: Annotated[str | None, Query(max_length=200, description="exactly this name")] = None,
+    search: Annotated[str | None, Query(max_length=200, description="names containing this text, in any case")] = None,
     tag: Annotated[list[str] | None, Query(max_length=MAX_TAGS,
                                            description="repeat for several: runs carrying every one")] = None,
     sort: Annotated[str, Query(pattern=SORT_PATTERN, description=f"one of {', '.join(service.SORT_KEYS)}; "
@@ -61,7 +63,7 @@ def list_runs(
     if unknown:  # a misspelt filter must not silently list everything
         raise AppError(f"unknown query parameter(s): {', '.join(unknown)}; runs filter by "
                        f"{', '.join(sorted(LIST_PARAMETERS - {'limit', 'offset', 'sort'}))} and sort by sort")
-    where = service.RunFilter(status, dataset_id, method, stage1_from, name, tuple(tag or ()))
+    where = service.RunFilter(status, dataset_id, method, stage1_from, name, tuple(tag or ()), search)
     rows, total = service.list_runs(session, page.limit, page.offset, where, sort)
     return RunsPublic(data=service.to_public_many(session, rows), count=total)
 

@@ -123,6 +123,7 @@ class RunFilter:
     stage1_from: str | None = None
     name: str | None = None
     tags: tuple[str, ...] = ()
+    search: str | None = None  # within the name, any case
 
 
 SORT_KEYS = {"created_at": RunRow.created_at, "started_at": RunRow.started_at,
@@ -140,6 +141,8 @@ def list_runs(session: Session, limit: int, offset: int, where: RunFilter = RunF
             query = query.where(column == value)
     for tag in dict.fromkeys(where.tags):
         query = query.where(RunRow.id.in_(select(RunTagRow.run_id).where(RunTagRow.tag == tag)))
+    if where.search:  # autoescape: a % or _ typed is that character, not a wildcard
+        query = query.where(func.lower(RunRow.name).contains(where.search.lower(), autoescape=True))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     column = SORT_KEYS[sort.removeprefix("-")]
     order = column.desc().nulls_last() if sort.startswith("-") else column.asc().nulls_last()
