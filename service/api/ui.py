@@ -66,7 +66,7 @@ def ui_without_slash() -> RedirectResponse:
     return RedirectResponse("/ui/")
 
 
-@router.get("/ui/")
+@router.api_route("/ui/", methods=["GET", "HEAD"])
 def dashboard() -> FileResponse:
     # no-cache: a browser revalidates the page, so a new release's page never runs with old scripts
     return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -85,5 +85,6 @@ def install_ui_and_docs(app: FastAPI) -> None:
             openapi_url=app.openapi_url, title=title, swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
             swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css", swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
             # validatorUrl none: Swagger UI would otherwise ask swagger.io to validate the document
-            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True})
+            # persistAuthorization stays off: the key typed into "Authorize" is not kept in the browser
+            swagger_ui_parameters={"validatorUrl": None})
 

@@ -52,16 +52,38 @@ function say(text, isError = false) {
   notice.className = isError ? "error" : "";
 }
 
-function every(ms, fn) {
-  const timer = setInterval(fn, ms);
-  leaving.push(() => clearInterval(timer));
+class Stale extends Error {}  // thrown into a view whose route was left while it awaited
+
+let routeToken = 0;
+
+// What a view draws and starts with: once another route has begun, `show` throws Stale and nothing more is
+// started, so a slow view never draws over the one the user moved to.
+function viewContext(token) {
+  const stale = () => token !== routeToken;
+  return {
+    stale,
+    show(...nodes) {
+      if (stale()) throw new Stale();
+      viewRoot.replaceChildren(...nodes);
+    },
+    every(ms, fn) {
+      if (stale()) return;
+      const timer = setInterval(fn, ms);
+      leaving.push(() => clearInterval(timer));
+    },
+    signal() {
+      const controller = new AbortController();
+      if (stale()) controller.abort(); else leaving.push(() => controller.abort());
+      return controller.signal;
+    },
+  };
 }
 
-function abortable() {
-  const controller = new AbortController();
-  leaving.push(() => controller.abort());
-  return controller.signal;
-}
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// A message for the next view: shown after the route change that would otherwise clear it.
+let flashed = null;
+function flash(text) { flashed = text; }
 
 // ---------- the API ----------
 
@@ -73,6 +95,7 @@ class ApiError extends Error {
 }
 
 const apiKey = () => sessionStorage.getItem(KEY_STORE) || localStorage.getItem(KEY_STORE);
+let connectionLost = false;
 
 async function api(path, { method = "GET", json, body, signal, raw = false } = {}) {
   const headers = { "X-API-Key": apiKey() || "" };
@@ -80,7 +103,19 @@ async function api(path, { method = "GET", json, body, signal, raw = false } = {
     headers["Content-Type"] = "application/json";
     body = JSON.stringify(json);
   }
-  const response = await fetch(path, { method, headers, body, signal, cache: "no-store" });
+  let response;
+  try {
+    response = await fetch(path, { method, headers, body, signal, cache: "no-store" });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    connectionLost = true;
+    say("The server cannot be reached; retrying…", true);
+    throw new ApiError(0, "the server cannot be reached");
+  }
+  if (connectionLost) {
+    connectionLost = false;
+    say("");
+  }
   if (response.status === 401) {
     signOut("The server refused this API key: enter a valid one.");
     throw new ApiError(401, "unauthorised");
@@ -126,10 +161,28 @@ function events(path, handlers, signal) {
   }, signal);
 }
 
-function quietly(promise) {  // a stream ended by leaving the view is not an error
+function quietly(promise) {  // a stream ended by leaving the view is not an error, nor one already said
   return promise.catch((error) => {
-    if (error.name !== "AbortError" && !(error instanceof ApiError && error.status === 401)) say(error.message, true);
+    if (error.name === "AbortError" || error instanceof Stale) return;
+    if (error instanceof ApiError && (error.status === 401 || error.status === 0)) return;
+    say(error.message, true);
   });
+}
+
+// Keeps a stream open while `more()` holds: reopened after a dropped connection (a server restart, a proxy's
+// idle timeout) with a growing pause; a 401 or 404 ends it.
+async function persist(ctx, open, more) {
+  for (let attempt = 0; !ctx.stale(); attempt++) {
+    try {
+      await open();
+      attempt = 0;
+    } catch (error) {
+      if (error.name === "AbortError" || error instanceof Stale) return;
+      if (error instanceof ApiError && (error.status === 401 || error.status === 404)) return;
+    }
+    if (!more() || ctx.stale()) return;
+    await sleep(Math.min(8000, 1000 * 2 ** Math.min(attempt, 3)));
+  }
 }
 
 // ---------- sign in ----------
@@ -143,6 +196,8 @@ function signOut(message) {
 function renderLogin(message) {
   for (const stop of leaving) stop();
   leaving = [];
+  routeToken++;  // a view still loading must not draw over the sign-in form
+  document.title = "Sign in · H2T";
   document.getElementById("sign-out").hidden = true;
   say(message || "", Boolean(message));
   const input = h("input", { id: "api-key", type: "password", autocomplete: "current-password", required: true });
@@ -176,7 +231,7 @@ function renderLogin(message) {
 
 function runsQuery(params) {
   const query = new URLSearchParams();
-  for (const key of ["status", "method", "dataset_id", "name", "tag", "stage1_from", "sort"]) {
+  for (const key of ["status", "method", "dataset_id", "name", "search", "tag", "stage1_from", "sort"]) {
     if (params.get(key)) query.set(key, params.get(key));
   }
   query.set("limit", "100");
@@ -201,7 +256,8 @@ async function cancelRun(run, force = false) {
   return true;
 }
 
-async function viewRuns(_, params) {
+async function viewRuns(_, params, ctx) {
+  document.title = "Runs · H2T";
   const datasets = (await api("/v1/datasets?limit=500")).data;
   const datasetName = Object.fromEntries(datasets.map((d) => [d.id, d.name]));
   const selected = new Set();
@@ -218,7 +274,7 @@ async function viewRuns(_, params) {
   field("Method", select("method", [["", "any"], ["h2t", "h2t"], ["crt", "crt"]], params.get("method"))),
   field("Dataset", select("dataset_id", [["", "any"], ...datasets.map((d) => [d.id, d.name])], params.get("dataset_id"))),
   field("Tag", h("input", { name: "tag", value: params.get("tag") || "", size: 12 })),
-  field("Name", h("input", { name: "name", value: params.get("name") || "", size: 14 })),
+  field("Name contains", h("input", { name: "search", value: params.get("search") || "", size: 14 })),
   h("button", { type: "submit" }, "Filter"),
   h("a", { href: "#/runs" }, "clear"));
 
@@ -230,11 +286,22 @@ async function viewRuns(_, params) {
   const table = h("table", { "aria-label": "Runs" }, h("thead", {}, h("tr", {},
     ["", "Name", "Status", "Stage", "Epoch", "Progress", "Top-1 %", "Few %", "ECE %", "Tags", "Dataset", "Created", ""]
       .map((title, i) => h("th", { class: i >= 6 && i <= 8 ? "num" : null, scope: "col" }, title)))), body);
-  viewRoot.replaceChildren(h("h1", {}, "Runs"), filters, h("div", { class: "actions" }, compare, count), table);
+  ctx.show(h("h1", {}, "Runs"), filters, h("div", { class: "actions" }, compare, count),
+    h("div", { class: "scroll" }, table));
+  const filtered = [...runsQuery(params).keys()].some((key) => key !== "limit");
 
   let shown = "";
   async function refresh() {
-    const answer = await api(`/v1/runs?${runsQuery(params)}`);
+    let answer;
+    try {
+      answer = await api(`/v1/runs?${runsQuery(params)}`);
+    } catch (error) {  // a filter the API refuses: say why where the rows would be, and keep the form
+      if (!(error instanceof ApiError) || error.status < 400 || error.status === 401) throw error;
+      shown = "";
+      body.replaceChildren(h("tr", {}, h("td", { colspan: 13, class: "empty", role: "alert" },
+        `These filters were refused: ${error.message}`)));
+      return;
+    }
     const signature = JSON.stringify(answer);
     if (signature === shown) return;
     shown = signature;
@@ -250,9 +317,10 @@ async function viewRuns(_, params) {
       const cancel = ACTIVE.has(run.status) && run.status !== "cancelling"
         ? h("button", { type: "button", class: "danger", "data-key": `cancel-${run.id}`,
           onclick: () => cancelRun(run).then(refresh).catch((e) => say(e.message, true)) }, "Cancel") : "";
+      const name = runTitle(run);
       return h("tr", { "data-run": run.id },
         h("td", {}, box),
-        h("td", {}, h("a", { href: `#/runs/${run.id}`, "data-key": `open-${run.id}` }, runTitle(run))),
+        h("td", {}, h("a", { href: `#/runs/${run.id}`, "data-key": `open-${run.id}`, class: "name", title: name }, name)),
         h("td", {}, statusBadge(run.status)),
         h("td", {}, run.stage ? (run.stage === 1 ? "1 backbone" : `2 ${run.config.stage2.method}`) : ""),
         h("td", {}, run.stage ? `${run.epoch}/${run.total_epochs}` : ""),
@@ -264,15 +332,16 @@ async function viewRuns(_, params) {
         h("td", {}, datasetName[run.dataset_id] || short(run.dataset_id)),
         h("td", {}, when(run.created_at)),
         h("td", {}, cancel));
-    }) : [h("tr", {}, h("td", { colspan: 13, class: "empty" },
-      "No runs here yet. Submit one with `h2t runs submit CONFIG.yaml` or POST /v1/runs."))]));
-    if (focused) {
-      const again = body.querySelector(`[data-key="${CSS.escape(focused)}"]`);
+    }) : [h("tr", {}, h("td", { colspan: 13, class: "empty" }, filtered ? "No runs match these filters."
+      : "No runs here yet. Submit one with `h2t runs submit CONFIG.yaml` or POST /v1/runs."))]));
+    if (focused) {  // the 2 s refresh keeps the keyboard's place; a Cancel button gone leaves it on its run
+      const again = body.querySelector(`[data-key="${CSS.escape(focused)}"]`)
+        || body.querySelector(`[data-key="${CSS.escape(focused.replace(/^cancel-/, "open-"))}"]`);
       if (again) again.focus();
     }
   }
   await refresh();
-  every(2000, () => quietly(refresh()));
+  ctx.every(2000, () => quietly(refresh()));
 }
 
 function metricSeries(rows, pick, names) {
@@ -283,11 +352,11 @@ function metricSeries(rows, pick, names) {
     points: rows.map((r) => [x(r), pick(r, key)]) }));
 }
 
-function runCharts(rows) {
+function runCharts(rows, empty) {
   const stage1 = rows.filter((r) => r.stage === 1).reduce((n, r) => Math.max(n, r.epoch), 0);
   const markers = stage1 && rows.some((r) => r.stage === 2) ? [{ x: stage1 + 0.5, label: "stage 2" }] : [];
   const value = (r, key) => r[key];
-  const common = { xLabel: "epoch (stage 1, then stage 2)", markers };
+  const common = { xLabel: "epoch (stage 1, then stage 2)", markers, integerX: true, empty };
   return [
     Charts.line({ key: "loss", title: "Training loss", series: metricSeries(rows, value, [["loss", "loss"]]), ...common }),
     Charts.line({ key: "lr", title: "Learning rate", series: metricSeries(rows, value, [["lr", "lr"]]), ...common }),
@@ -306,10 +375,11 @@ function progressText(run, p) {
     `${Math.round(p.images_per_second)} images/s · stage ETA ${duration(p.stage_eta_s)} · run ETA ${duration(p.run_eta_s)}`;
 }
 
-async function viewRun([id]) {
+async function viewRun([id], _, ctx) {
   let run = await api(`/v1/runs/${id}`);
   const rows = (await api(`/v1/runs/${id}/metrics`)).data;
-  const signal = abortable();
+  const dataset = await api(`/v1/datasets/${run.dataset_id}`).catch(() => null);
+  document.title = `${runTitle(run)} · H2T`;
   const title = h("h1");
   const facts = h("dl", { class: "facts" });
   const actions = h("div", { class: "actions" });
@@ -317,7 +387,7 @@ async function viewRun([id]) {
   const charts = h("div", { class: "grid", id: "charts" });
   const log = h("pre", { id: "log", tabindex: 0, "aria-label": "run log" });
   const lastTable = h("div");
-  viewRoot.replaceChildren(title, h("div", { class: "panel" }, facts, h("p"), actions, progress),
+  ctx.show(title, h("div", { class: "panel" }, facts, h("p"), actions, progress),
     h("h2", {}, "Curves"), charts, h("h2", {}, "Last epoch per group"), lastTable,
     h("h2", {}, "Config"), h("pre", { tabindex: 0 }, JSON.stringify(run.config, null, 2)),
     h("h2", {}, "Log"), log);
@@ -326,7 +396,7 @@ async function viewRun([id]) {
     title.replaceChildren(runTitle(run), " ", statusBadge(run.status));
     const link = (href, text) => h("a", { href }, text);
     const entries = [
-      ["id", run.id], ["dataset", link(`#/datasets/${run.dataset_id}`, short(run.dataset_id))],
+      ["id", run.id], ["dataset", link(`#/datasets/${run.dataset_id}`, dataset ? dataset.name : short(run.dataset_id))],
       ["stage 2", `${run.config.stage2.method}, rho ${run.config.stage2.rho}, seed ${run.config.seed}`],
       ["stage 1", run.stage1_from ? h("span", {}, "reused from ", link(`#/runs/${run.stage1_from}`, short(run.stage1_from)))
         : `trained here, ${run.config.stage1.epochs} epochs`],
@@ -352,7 +422,7 @@ async function viewRun([id]) {
         if (!window.confirm(`Delete ${runTitle(run)} with its metrics, model and files?`)) return;
         try {
           await api(`/v1/runs/${run.id}`, { method: "DELETE" });
-          say(`Deleted ${runTitle(run)}.`);
+          flash(`Deleted ${runTitle(run)}.`);
           location.hash = "#/runs";
         } catch (e) { say(e.message, true); }
       } }, "Delete"));
@@ -362,7 +432,7 @@ async function viewRun([id]) {
   }
 
   function drawMetrics() {
-    charts.replaceChildren(...runCharts(rows));
+    charts.replaceChildren(...runCharts(rows, ACTIVE.has(run.status) ? "no epoch finished yet" : "no epoch recorded"));
     const last = rows[rows.length - 1];
     lastTable.replaceChildren(last ? groupTable([["overall", last.top1, last.ece], ["many", last.many, last.ece_many],
       ["medium", last.medium, last.ece_medium], ["few", last.few, last.ece_few]],
@@ -382,7 +452,9 @@ async function viewRun([id]) {
   leaving.push(() => clearTimeout(pending));
   drawHeader();
   drawMetrics();
-  quietly(events(`/v1/runs/${id}/events`, {
+  const signal = ctx.signal();
+  const active = () => ACTIVE.has(run.status);
+  persist(ctx, () => events(`/v1/runs/${id}/events`, {
     epoch: (row) => {
       const at = rows.findIndex((r) => r.stage === row.stage && r.epoch === row.epoch);
       if (at >= 0) rows[at] = row; else rows.push(row);
@@ -396,13 +468,16 @@ async function viewRun([id]) {
       drawHeader();
       if (changed && !ACTIVE.has(s.status)) quietly(reload());
     },
-  }, signal));
-  const logPath = `/v1/runs/${id}/logs${ACTIVE.has(run.status) ? "?follow=true" : ""}`;
-  quietly(follow(logPath, (text) => {
-    const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-    log.append(text);
-    if (atBottom) log.scrollTop = log.scrollHeight;
-  }, signal));
+  }, signal), active);
+  const following = active();
+  persist(ctx, () => {
+    log.textContent = "";  // a reopened stream starts from the first line again
+    return follow(`/v1/runs/${id}/logs${following ? "?follow=true" : ""}`, (text) => {
+      const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      log.append(text);
+      if (atBottom) log.scrollTop = log.scrollHeight;
+    }, signal);
+  }, () => following && active());
 }
 
 function groupTable(rows, caption) {
@@ -414,32 +489,44 @@ function groupTable(rows, caption) {
 
 // ---------- comparison ----------
 
+function runId(text) {  // ids from the address bar go into API paths: only an id's characters
+  if (!/^[\w-]{1,36}$/.test(text)) throw new ApiError(400, `${JSON.stringify(text.slice(0, 40))} is not a run id`);
+  return text;
+}
+
 async function comparedRuns(params) {
   let runs;
   if (params.get("stage1_from")) {
-    const root = params.get("stage1_from");
+    const root = runId(params.get("stage1_from"));
     const children = (await api(`/v1/runs?stage1_from=${encodeURIComponent(root)}&limit=200`)).data;
     runs = [await api(`/v1/runs/${root}`), ...children];
   } else {
     const ids = (params.get("ids") || "").split(",").filter(Boolean);
-    runs = await Promise.all(ids.map((id) => api(`/v1/runs/${id}`)));
+    runs = await Promise.all(ids.map((id) => api(`/v1/runs/${runId(id)}`)));
   }
   return runs.sort((a, b) => a.config.stage2.rho - b.config.stage2.rho || a.config.seed - b.config.seed);
 }
 
-async function viewCompare(_, params) {
+async function viewCompare(_, params, ctx) {
+  document.title = "Comparison · H2T";
   let runs = await comparedRuns(params);
   let shown = JSON.stringify(runs);
-  drawComparison(runs);
-  every(5000, () => quietly((async () => {  // while any run trains, redraw when one changed
+  drawComparison(runs, ctx);
+  ctx.every(5000, () => quietly((async () => {  // while any run trains, redraw when one changed
     if (!runs.some((r) => ACTIVE.has(r.status))) return;
     runs = await comparedRuns(params);
     const now = JSON.stringify(runs);
-    if (now !== shown) { shown = now; drawComparison(runs); }
+    if (now !== shown) { shown = now; drawComparison(runs, ctx); }
   })()));
 }
 
-function drawComparison(runs) {
+function drawComparison(runs, ctx) {
+  if (!runs.length) {
+    ctx.show(h("h1", {}, "Comparison"), h("p", { class: "empty" }, "No runs to compare: tick runs in the ",
+      h("a", { href: "#/runs" }, "runs table"), " and press Compare selected, or open a run and follow ",
+      "“Compare the runs on this stage 1”."));
+    return;
+  }
   const finished = runs.filter((r) => r.latest_metrics && r.latest_metrics.stage === 2);
   const label = (r) => `${runTitle(r)} (ρ ${r.config.stage2.rho})`;
   const table = h("table", { "aria-label": "Compared runs" },
@@ -447,7 +534,8 @@ function drawComparison(runs) {
       "ECE %", "Few ECE %"].map((t, i) => h("th", { class: i >= 5 ? "num" : null }, t)))),
     h("tbody", {}, runs.map((r) => {
       const m = r.latest_metrics && r.latest_metrics.stage === 2 ? r.latest_metrics : null;
-      return h("tr", {}, h("td", {}, h("a", { href: `#/runs/${r.id}` }, runTitle(r))), h("td", {}, statusBadge(r.status)),
+      return h("tr", {}, h("td", {}, h("a", { href: `#/runs/${r.id}`, class: "name", title: runTitle(r) }, runTitle(r))),
+        h("td", {}, statusBadge(r.status)),
         h("td", {}, r.config.stage2.method), h("td", { class: "num" }, r.config.stage2.rho),
         h("td", { class: "num" }, r.config.seed),
         ...["top1", "many", "medium", "few", "ece", "ece_few"].map((k) => h("td", { class: "num" }, m ? pct(m[k]) : "")));
@@ -470,28 +558,35 @@ function drawComparison(runs) {
       categories: ["overall", ...GROUPS],
       series: finished.map((r) => ({ name: label(r), values: ["top1", ...GROUPS].map((k) => r.latest_metrics[k]) })) }),
     Charts.line({ key: "rho-accuracy", title: "Accuracy against the fusion ratio ρ (mean over seeds)",
-      xLabel: "ρ (0: DR, no fusion)", xFormat: (v) => `${v}`, yFormat: Charts.percent,
+      xLabel: "ρ (0: DR, no fusion)", xFormat: (v) => `${v}`, yFormat: Charts.percent, xMin: 0,
       series: rhoSeries([["overall", "top1"], ["many", "many"], ["medium", "medium"], ["few", "few"]]) }),
     Charts.line({ key: "rho-ece", title: "Calibration error against ρ (mean over seeds)", xLabel: "ρ",
-      xFormat: (v) => `${v}`, yFormat: Charts.percent, yMin: 0,
+      xFormat: (v) => `${v}`, yFormat: Charts.percent, yMin: 0, xMin: 0,
       series: rhoSeries([["overall", "ece"], ["many", "ece_many"], ["medium", "ece_medium"], ["few", "ece_few"]]) }),
   ] : [h("p", { class: "empty" }, "None of these runs has finished a stage-2 epoch yet.")];
-  viewRoot.replaceChildren(h("h1", {}, `Comparing ${runs.length} run(s)`),
+  const datasets = new Set(runs.map((r) => r.dataset_id)).size;
+  const stage1s = new Set(runs.map((r) => r.stage1_from || r.id)).size;
+  const mixed = datasets > 1 || stage1s > 1 ? h("p", { class: "warning", role: "note" },
+    `These runs are on ${datasets} dataset(s) and ${stage1s} stage-1 run(s): the means over seeds mix them.`) : "";
+  ctx.show(h("h1", {}, `Comparing ${runs.length} run(s)`),
     h("p", { class: "muted" }, "Figures are each run's last stage-2 epoch on the evaluation split; nothing is " +
-      "chosen by its test accuracy."), table, h("h2", {}, "Charts"), h("div", { class: "grid" }, charts));
+      "chosen by its test accuracy."), mixed, h("div", { class: "scroll" }, table), h("h2", {}, "Charts"),
+    h("div", { class: "grid" }, charts));
 }
 
 // ---------- models ----------
 
-async function viewModels() {
+async function viewModels(_, __, ctx) {
+  document.title = "Models · H2T";
   const models = (await api("/v1/models?limit=200")).data;
   const runs = Object.fromEntries((await api("/v1/runs?status=succeeded&limit=500")).data.map((r) => [r.id, r]));
-  viewRoot.replaceChildren(h("h1", {}, "Models"), h("table", { "aria-label": "Models" },
+  ctx.show(h("h1", {}, "Models"), h("table", { "aria-label": "Models" },
     h("thead", {}, h("tr", {}, ["Model", "Run", "Classes", "Top-1 %", "Few %", "ECE %", "Created"]
       .map((t, i) => h("th", { class: i >= 2 && i <= 5 ? "num" : null }, t)))),
     h("tbody", {}, models.length ? models.map((m) => h("tr", {},
       h("td", {}, h("a", { href: `#/models/${m.id}` }, short(m.id))),
-      h("td", {}, runs[m.run_id] ? runTitle(runs[m.run_id]) : short(m.run_id)),
+      h("td", {}, h("span", { class: "name", title: runs[m.run_id] ? runTitle(runs[m.run_id]) : m.run_id },
+        runs[m.run_id] ? runTitle(runs[m.run_id]) : short(m.run_id))),
       h("td", { class: "num" }, m.num_classes), h("td", { class: "num" }, pct(m.calibration.overall.accuracy)),
       h("td", { class: "num" }, pct(m.calibration.few.accuracy)), h("td", { class: "num" }, pct(m.calibration.overall.ece)),
       h("td", {}, when(m.created_at)))) : [h("tr", {}, h("td", { colspan: 7, class: "empty" },
@@ -508,12 +603,16 @@ async function download(model) {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
-async function viewModel([id]) {
+async function viewModel([id], _, ctx) {
   const model = await api(`/v1/models/${id}`);
   const calibration = await api(`/v1/models/${id}/calibration`);
+  const run = await api(`/v1/runs/${model.run_id}`).catch(() => null);
+  const title = `Model of ${run ? runTitle(run) : short(model.run_id)}`;
+  document.title = `${title} · H2T`;
   const input = model.input;
   const facts = [
-    ["run", h("a", { href: `#/runs/${model.run_id}` }, model.run_id)],
+    ["model id", model.id],
+    ["run", h("a", { href: `#/runs/${model.run_id}` }, run ? runTitle(run) : short(model.run_id))],
     ["dataset", h("a", { href: `#/datasets/${model.dataset_id}` }, short(model.dataset_id))],
     ["classes", `${model.num_classes} (${GROUPS.map((g) => `${model.groups.filter((x) => x === g).length} ${g}`).join(", ")})`],
     ["input", Object.entries(input).map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join(" · ")],
@@ -527,8 +626,13 @@ async function viewModel([id]) {
   });
   const results = h("div", { id: "predictions" });
   const topK = h("select", { id: "top-k" }, [1, 3, 5, 10].map((k) => h("option", { value: k, selected: k === 3 }, k)));
-  const files = h("input", { id: "images", type: "file", accept: "image/*", multiple: true,
-    onchange: () => predict([...files.files]) });
+  let last = [];  // the images shown, predicted again when the number of classes changes
+  const files = h("input", { id: "images", type: "file", accept: "image/*", multiple: true, onchange: () => {
+    const chosen = [...files.files];
+    files.value = "";  // so choosing the same file again predicts it again
+    predict(chosen);
+  } });
+  topK.addEventListener("change", () => predict(last));
   const drop = h("div", { class: "drop", id: "drop-zone" },
     h("p", {}, "Drop images here, or "), h("label", { for: "images", class: "inline" }, "choose image files", files),
     h("p", {}, h("label", { for: "top-k", class: "inline" }, "classes per image ", topK)));
@@ -544,6 +648,7 @@ async function viewModel([id]) {
 
   async function predict(images) {
     if (!images.length) return;
+    last = images;
     const form = new FormData();
     for (const image of images) form.append("images", image, image.name);
     form.append("top_k", topK.value);
@@ -569,7 +674,7 @@ async function viewModel([id]) {
     }
   }
 
-  viewRoot.replaceChildren(h("h1", {}, `Model ${short(model.id)}`),
+  ctx.show(h("h1", {}, title),
     h("div", { class: "panel" }, h("dl", { class: "facts" }, facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
       h("p"), h("div", { class: "actions" }, h("button", { type: "button", class: "primary", onclick: () =>
         download(model).catch((e) => say(e.message, true)) }, "Download ONNX"))),
@@ -586,14 +691,16 @@ function groupSizes(d) {
   return GROUPS.map((g) => `${d.groups.filter((x) => x === g).length} ${g}`).join(", ");
 }
 
-async function viewDatasets() {
+async function viewDatasets(_, __, ctx) {
+  document.title = "Datasets · H2T";
   const datasets = (await api("/v1/datasets?limit=500")).data;
   const sum = (xs) => xs.reduce((a, b) => a + b, 0);
-  viewRoot.replaceChildren(h("h1", {}, "Datasets"), h("table", { "aria-label": "Datasets" },
+  ctx.show(h("h1", {}, "Datasets"), h("table", { "aria-label": "Datasets" },
     h("thead", {}, h("tr", {}, ["Name", "Kind", "Status", "Classes", "Train images", "Test images", "Groups", "Created"]
       .map((t, i) => h("th", { class: i >= 3 && i <= 5 ? "num" : null }, t)))),
     h("tbody", {}, datasets.length ? datasets.map((d) => h("tr", {},
-      h("td", {}, h("a", { href: `#/datasets/${d.id}` }, d.name)), h("td", {}, d.kind), h("td", {}, statusBadge(d.status)),
+      h("td", {}, h("a", { href: `#/datasets/${d.id}`, class: "name", title: d.name }, d.name)), h("td", {}, d.kind),
+      h("td", {}, statusBadge(d.status)),
       h("td", { class: "num" }, d.num_classes), h("td", { class: "num" }, sum(d.train_counts)),
       h("td", { class: "num" }, sum(d.test_counts)), h("td", {}, d.groups.length ? groupSizes(d) : ""),
       h("td", {}, when(d.created_at)))) : [h("tr", {}, h("td", { colspan: 8, class: "empty" },
@@ -605,15 +712,22 @@ function single(figure) {  // a chart alone on its row keeps a readable size
   return figure;
 }
 
-async function viewDataset([id]) {
+async function viewDataset([id], _, ctx) {
   const d = await api(`/v1/datasets/${id}`);
+  document.title = `${d.name} · H2T`;
   const definition = d.group_definition.slices
     ? `index slices ${d.group_definition.slices.map(([a, b]) => `[${a}, ${b})`).join(", ")}`
     : `training counts: many > ${d.group_definition.many_threshold}, few < ${d.group_definition.few_threshold}`;
   const sum = (xs) => xs.reduce((a, b) => a + b, 0);
   const members = (g) => d.groups.map((x, i) => (x === g ? i : -1)).filter((i) => i >= 0);
   const ratio = d.train_counts.length ? Math.max(...d.train_counts) / Math.max(1, Math.min(...d.train_counts)) : 0;
-  viewRoot.replaceChildren(h("h1", {}, d.name, " ", statusBadge(d.status)),
+  const classes = h("details", {}, h("summary", {}, `The ${d.num_classes} classes`),
+    h("table", { "aria-label": "Classes" }, h("thead", {}, h("tr", {}, ["index", "class", "group", "train images",
+      "test images"].map((t, i) => h("th", { class: i >= 3 || i === 0 ? "num" : null }, t)))),
+    h("tbody", {}, d.class_names.map((name, i) => h("tr", {}, h("td", { class: "num" }, i), h("td", {}, name),
+      h("td", {}, h("span", { class: `swatch ${d.groups[i]}` }), d.groups[i]),
+      h("td", { class: "num" }, d.train_counts[i]), h("td", { class: "num" }, d.test_counts[i]))))));
+  ctx.show(h("h1", {}, d.name, " ", statusBadge(d.status)),
     h("div", { class: "panel" }, h("dl", { class: "facts" }, [
       ["id", d.id], ["kind", d.kind], ["spec", JSON.stringify(d.spec)], ["image size", `${d.image_size} px`],
       ["classes", d.num_classes], ["imbalance", ratio ? `largest / smallest class: ${ratio.toFixed(1)}` : "–"],
@@ -627,8 +741,8 @@ async function viewDataset([id]) {
         .map((t, i) => h("th", { class: i ? "num" : null }, t)))),
       h("tbody", {}, GROUPS.map((g) => h("tr", {}, h("td", {}, h("span", { class: `swatch ${g}` }), g),
         h("td", { class: "num" }, members(g).length), h("td", { class: "num" }, sum(members(g).map((i) => d.train_counts[i]))),
-        h("td", { class: "num" }, sum(members(g).map((i) => d.test_counts[i])))))))) : "");
-  if (d.status === "scanning") every(2000, () => route());
+        h("td", { class: "num" }, sum(members(g).map((i) => d.test_counts[i]))))))), classes) : "");
+  if (d.status === "scanning") ctx.every(2000, () => route());
 }
 
 // ---------- routing ----------
@@ -646,6 +760,7 @@ const ROUTES = [
 async function route() {
   for (const stop of leaving) stop();
   leaving = [];
+  const token = ++routeToken;
   if (!apiKey()) return renderLogin();
   document.getElementById("sign-out").hidden = false;
   const [path, query] = (location.hash || "#/runs").split("?");
@@ -656,11 +771,14 @@ async function route() {
   for (const a of document.querySelectorAll("[data-nav]")) {
     if (a.dataset.nav === section) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
+  const ctx = viewContext(token);
   try {
-    await render(pattern.exec(path).slice(1), params);
+    await render(pattern.exec(path).slice(1), params, ctx);
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) return;
-    viewRoot.replaceChildren(h("h1", {}, "Something went wrong"), h("p", { role: "alert" }, error.message),
+    if (error instanceof Stale || ctx.stale()) return;  // the user has moved on
+    if (error instanceof ApiError && (error.status === 401 || error.status === 0)) return;  // already said
+    document.title = "Error · H2T";
+    ctx.show(h("h1", {}, "Something went wrong"), h("p", { role: "alert" }, error.message),
       h("p", {}, h("a", { href: "#/runs" }, "Back to the runs")));
   }
 }
@@ -668,7 +786,8 @@ async function route() {
 let lastPath = null;
 window.addEventListener("hashchange", () => {
   const path = location.hash.split("?")[0];
-  if (path !== lastPath) say("");
+  if (path !== lastPath || flashed) say(flashed || "");
+  flashed = null;
   lastPath = path;
   route().then(() => viewRoot.focus({ preventScroll: true }));
 });

@@ -77,18 +77,25 @@ const Charts = (() => {
   const percent = (v) => `${(100 * v).toFixed(0)}%`;
 
   // series: [{name, color?, points: [[x, y], ...]}]; y may be null (a gap). markers: [{x, label}] (dashed lines).
+  // integerX: ticks on whole numbers only (epochs); xMin: the axis never starts below it (rho >= 0)
   function line({ title, label, series, xLabel, yLabel, yFormat = (v) => `${+v.toPrecision(3)}`,
-                  xFormat = (v) => `${v}`, markers = [], yMin, yMax, key }) {
+                  xFormat = (v) => `${v}`, markers = [], yMin, yMax, xMin, integerX = false, key,
+                  empty = "no data yet" }) {
     const svg = frame(label || title, title);
     if (key) svg.setAttribute("data-chart", key);
     const all = series.flatMap((s) => s.points.filter((p) => p[1] !== null && p[1] !== undefined));
     if (!all.length) {
-      svg.appendChild(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no data yet"));
+      svg.appendChild(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, empty));
       return figure(svg, []);
     }
     const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
     let x0 = Math.min(...xs), x1 = Math.max(...xs);
-    if (x0 === x1) { x0 -= 1; x1 += 1; }
+    if (x0 === x1) {  // one x: a little room either side, in the scale of the value
+      const room = integerX ? 1 : Math.abs(x0) * 0.5 || 0.5;
+      x0 -= room;
+      x1 += room;
+    }
+    if (xMin !== undefined) x0 = Math.max(x0, xMin);
     let y0 = yMin !== undefined ? yMin : Math.min(...ys), y1 = yMax !== undefined ? yMax : Math.max(...ys);
     if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 0.1; y1 += Math.abs(y1) * 0.1 || 0.1; }
     const pad = (y1 - y0) * 0.06;
@@ -96,7 +103,7 @@ const Charts = (() => {
     if (yMax === undefined) y1 += pad;
     const x = (v) => M.left + (v - x0) / (x1 - x0) * (W - M.left - M.right);
     const y = (v) => H - M.bottom - (v - y0) / (y1 - y0) * (H - M.top - M.bottom);
-    const xTicks = niceTicks(x0, x1, 6).filter((t) => Number.isInteger(t) || x1 - x0 < 6);
+    const xTicks = niceTicks(x0, x1, 6).filter((t) => !integerX || Number.isInteger(t));
     axes(svg, x, y, xTicks, niceTicks(y0, y1), xFormat, yFormat, xLabel, yLabel);
     for (const m of markers) {
       svg.appendChild(el("line", { x1: x(m.x), x2: x(m.x), y1: M.top, y2: H - M.bottom, stroke: "#9aa1ae",
@@ -166,6 +173,9 @@ const Charts = (() => {
     const ticks = [0, 0.2, 0.4, 0.6, 0.8, 1];
     axes(svg, x, y, ticks, ticks, (v) => v.toFixed(1), (v) => v.toFixed(1), "confidence", "accuracy");
     const g = el("g", { "data-series": "bins" });
+    if (!bins.some((b) => b.count)) {
+      svg.appendChild(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no test images in this group"));
+    }
     for (const b of bins) {
       if (!b.count) continue;
       const bx = x(b.lower) + 1, bw = x(b.upper) - x(b.lower) - 2;
