@@ -18,6 +18,8 @@ from service.api.health import router as health_router
 from service.api.models_api.endpoints import router as models_router
 from service.api.models_api.runtime import ModelCache
 from service.api.observability import Metrics, RequestTimer
+from service.api.oip.endpoints import router as oip_router
+from service.api.registry.endpoints import router as registry_router
 from service.api.runs.endpoints import router as runs_router
 from service.api.ui import ContentSecurityPolicy, install_ui_and_docs
 from service.store.queue import make_celery
@@ -35,6 +37,8 @@ def body_limit(settings: Settings, path: str, content_type: bytes) -> int:
     """The largest request body a route can need: the predict limits for a predict request, the upload
     limit for a dataset archive, a few KB for anything else (a run, a builtin dataset). Larger bodies
     are refused with 413 before they are buffered."""
+    if path.startswith("/v2/") and path.endswith("/infer"):
+        return settings.infer_max_bytes
     if path.endswith("/predict"):
         return settings.predict_max_images * (settings.predict_max_image_bytes * 4 // 3 + 1024) + 64 * 1024
     if path == "/v1/datasets" and content_type.lower().startswith(b"multipart/form-data"):
@@ -124,6 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(runs_router)
     app.include_router(models_router)
+    app.include_router(registry_router)
+    app.include_router(oip_router)
     install_ui_and_docs(app)
     app.add_middleware(BodySizeLimit, settings=settings)
     app.add_middleware(RequestTimer, metrics=metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -23,3 +24,14 @@ async def require_api_key(request: Request, key: Annotated[str | None, Security(
 
 
 ApiKey = Annotated[str, Depends(require_api_key)]
+
+
+USER_HEADER = "X-H2T-User"  # optional: who is acting, recorded beside the key's fingerprint
+
+
+def actor(request: Request, key: str) -> str:
+    """Who made a change, as the registry records it: the API key's fingerprint (never the key), after the
+    name a client gives in X-H2T-User: `alice (key 3f2a91c0)`."""
+    fingerprint = f"key {hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    user = (request.headers.get(USER_HEADER) or "").strip()[:100]
+    return f"{user} ({fingerprint})" if user else fingerprint

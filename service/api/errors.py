@@ -57,6 +57,8 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def problem(status: int, title: str, detail: str, instance: str, headers: dict[str, str] | None = None,
             **extra: object) -> JSONResponse:
+    if instance.startswith("/v2"):  # Open Inference Protocol clients read the message from `error`
+        extra = {**extra, "error": detail}
     body = Problem(title=title, status=status, detail=detail, instance=instance, **extra).model_dump()
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "X-API-Key"}

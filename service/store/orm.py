@@ -179,6 +179,64 @@ class ModelRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+REGISTRY_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"  # a registered model's name or an alias: never an id
+REGISTRY_NAME_LENGTH = 64
+
+
+class RegisteredModelRow(Base):
+    """A name for a line of models: numbered versions (each one model) and aliases such as `production`."""
+
+    __tablename__ = "registered_models"
+
+    name: Mapped[str] = mapped_column(String(REGISTRY_NAME_LENGTH), primary_key=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    versions: Mapped[list[ModelVersionRow]] = relationship(
+        cascade="all, delete-orphan", order_by=lambda: ModelVersionRow.version, lazy="selectin")
+    aliases: Mapped[list[ModelAliasRow]] = relationship(
+        cascade="all, delete-orphan", order_by=lambda: ModelAliasRow.alias, lazy="selectin")
+
+
+class ModelVersionRow(Base):
+    """Version N of a registered model: one model (a run's export). A model in use here cannot be deleted."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_versions_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(ForeignKey("registered_models.name", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.run_id", ondelete="RESTRICT"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(NAME_LENGTH))
+
+
+class ModelAliasRow(Base):
+    """An alias of a registered model and the version it points at now; `alias_events` holds its moves."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(ForeignKey("registered_models.name", ondelete="CASCADE"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(REGISTRY_NAME_LENGTH), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(NAME_LENGTH))
+
+
+class AliasEventRow(Base):
+    """One move of an alias: to a version, or removed (version null); who did it and when."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(ForeignKey("registered_models.name", ondelete="CASCADE"), index=True)
+    alias: Mapped[str] = mapped_column(String(REGISTRY_NAME_LENGTH))
+    version: Mapped[int | None] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    by: Mapped[str] = mapped_column(String(NAME_LENGTH))
+
+
 class WorkerRow(Base):
     """A training worker process as it last announced itself: how many devices it owns, so a run asking for
     more than any worker owns is refused at submission."""

@@ -21,7 +21,17 @@ from models.contract.config import DatasetSpec, RunConfig
 from models.contract.metrics import EpochMetrics, EvaluationReport, StepProgress
 from models.contract.onnx_model import ModelSpec
 from service.store.errors import ResourceConflict, ResourceNotFound
-from service.store.orm import TERMINAL, ArtifactRow, DatasetRow, MetricRow, ModelRow, RunRow, RunStatus, utcnow
+from service.store.orm import (
+    TERMINAL,
+    ArtifactRow,
+    DatasetRow,
+    MetricRow,
+    ModelRow,
+    ModelVersionRow,
+    RunRow,
+    RunStatus,
+    utcnow,
+)
 
 
 def get(session: Session, run_id: str) -> RunRow:
@@ -81,6 +91,12 @@ def delete(session: Session, run_ids: list[str], force: bool = False) -> list[st
     for run_id in run_ids:
         collect(run_id)
     doomed = list(dict.fromkeys(doomed))
+    registered = session.execute(select(ModelVersionRow.name, ModelVersionRow.version, ModelVersionRow.model_id)
+                                 .where(ModelVersionRow.model_id.in_(doomed))).first()
+    if registered is not None:  # even with force: a registry's version must not vanish under its users
+        name, version, model_id = registered
+        raise ResourceConflict(f"the model of run {model_id} is version {version} of {name!r}; remove it from the "
+                               f"registry first (DELETE /v1/registry/{name}/versions/{version})")
     for run_id in doomed:  # the database cascades to metrics, artifacts, the model and the tags
         session.execute(delete_rows(RunRow).where(RunRow.id == run_id).execution_options(synchronize_session=False))
     session.expire_all()

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
 
     predict_max_images: int = Field(64, gt=0, description="images in one predict request")
     predict_max_image_bytes: int = Field(10 * 2**20, gt=0, description="encoded size of one predicted image")
+    infer_max_bytes: int = Field(64 * 2**20, gt=0, description="body of one Open Inference Protocol infer request "
+                                 "(tensors as JSON numbers or binary)")
     predict_batching: bool = Field(True, description="combine concurrent predict requests into one inference")
     predict_max_batch: int = Field(64, gt=0, description="images per combined inference")
     predict_max_wait_ms: float = Field(

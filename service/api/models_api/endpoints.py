@@ -39,9 +39,13 @@ def list_models(session: SessionDep, _: ApiKey, page: PageDep) -> ModelsPublic:
     return ModelsPublic(data=[service.to_public(m, r) for m, r in rows], count=total)
 
 
-@router.get("/{model_id}", response_model=ModelPublic, responses=problems(404, 409))
-def get_model(model_id: str, session: SessionDep, _: ApiKey) -> ModelPublic:
-    return service.to_public(*service.get(session, model_id))
+REF_HELP = ("a model's id, a registered name (its latest version), name@VERSION or name@ALIAS "
+            "(GET /v1/registry/{name})")
+
+
+@router.get("/{model_ref}", response_model=ModelPublic, responses=problems(404, 409), description=REF_HELP)
+def get_model(model_ref: str, session: SessionDep, _: ApiKey) -> ModelPublic:
+    return service.to_public(*service.get(session, service.resolve_reference(session, model_ref).model_id))
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(404, 409),
@@ -54,19 +58,34 @@ def delete_model(model_id: str, request: Request, session: SessionDep, settings:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/{model_id}/onnx", response_class=FileResponse, summary="Download the ONNX file",
-            responses={200: {"content": {"application/octet-stream": {}}}, **problems(404, 409)})
-def download_onnx(model_id: str, session: SessionDep, settings: SettingsDep, _: ApiKey) -> FileResponse:
-    row, _run = service.get(session, model_id)
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match: `*`, or any listed tag equal to ours (weak comparison)."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+@router.get("/{model_ref}/onnx", response_class=FileResponse, description=REF_HELP,
+            summary="Download the ONNX file (ETag: its sha256; 304 on a matching If-None-Match)",
+            responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "unchanged"},
+                       **problems(404, 409)})
+def download_onnx(model_ref: str, request: Request, session: SessionDep, settings: SettingsDep,
+                  _: ApiKey) -> Response:
+    row, _run = service.get(session, service.resolve_reference(session, model_ref).model_id)
+    etag = f'"{row.sha256}"'
+    if _matches(request.headers.get("if-none-match"), etag):  # the client's copy is this very file
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     return FileResponse(settings.artifacts.resolve(row.onnx_path), media_type="application/octet-stream",
-                        filename=f"h2t-{model_id}.onnx", headers={"ETag": f'"{row.sha256}"'})
+                        filename=f"h2t-{row.run_id}.onnx", headers={"ETag": etag})
 
 
-@router.get("/{model_id}/calibration", response_model=CalibrationPublic, responses=problems(404, 409),
+@router.get("/{model_ref}/calibration", response_model=CalibrationPublic, responses=problems(404, 409),
+            description=REF_HELP,
             summary="Accuracy, ECE and reliability bins overall and per group, on the test split")
-def get_calibration(model_id: str, session: SessionDep, _: ApiKey) -> CalibrationPublic:
-    row, _run = service.get(session, model_id)
-    return CalibrationPublic(model_id=model_id, **row.calibration)
+def get_calibration(model_ref: str, session: SessionDep, _: ApiKey) -> CalibrationPublic:
+    row, _run = service.get(session, service.resolve_reference(session, model_ref).model_id)
+    return CalibrationPublic(model_id=row.run_id, **row.calibration)
 
 
 async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:
@@ -118,17 +137,22 @@ def _decode_all(blobs: list[bytes], spec: ModelSpec, max_pixels: int) -> np.ndar
     return np.stack(images)
 
 
-@router.post("/{model_id}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY,
-             responses=problems(400, 404, 409, 413, 415),
+@router.post("/{model_ref}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY,
+             responses=problems(400, 404, 409, 413, 415), description=REF_HELP,
              summary="Top-k classes per image, with the predicted class's group and that group's calibration")
-async def predict(model_id: str, request: Request, _: ApiKey) -> JSONResponse:
+async def predict(model_ref: str, request: Request, _: ApiKey) -> JSONResponse:
     # the hot path: a cached model needs no database session; the response is built as plain JSON
     settings = request.app.state.settings
+
+    def resolve() -> service.Resolved:
+        with session_scope(settings.database_url) as session:
+            return service.resolve_reference(session, model_ref)
 
     def lookup(key: str) -> service.ServingRecord:
         with session_scope(settings.database_url) as session:
             return service.serving_record(session, key)
 
+    model_id = (await request.app.state.models.resolve(model_ref, resolve)).model_id
     loaded = await request.app.state.models.get(model_id, lookup, settings.artifacts)
     blobs, top_k = await _read_images(request, settings)
     images = await asyncio.to_thread(_decode_all, blobs, loaded.spec, settings.max_image_pixels)

@@ -4,6 +4,7 @@ that combines concurrent requests into one inference call with a bounded wait.""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import numpy as np
 
 from models.contract.layout import ArtifactLayout
 from models.contract.onnx_model import ModelSpec, load_session, run_probabilities, session_spec, sha256_file
-from service.api.models_api.service import ServingRecord
+from service.api.models_api.service import Resolved, ServingRecord
 from service.store.errors import ResourceConflict
 
 
@@ -116,9 +117,14 @@ class LoadedModel:
         return await asyncio.to_thread(run_probabilities, self.session, images)
 
 
+RESOLVE_TTL_S = 2.0  # how long a name, name@version or name@alias keeps resolving to the same model here
+RESOLVED_KEPT = 1024
+
+
 @dataclass
 class ModelCache:
-    """At most `capacity` loaded models, least recently used evicted first."""
+    """At most `capacity` loaded models, least recently used evicted first; and what model references
+    (registered names, versions, aliases) resolved to, for RESOLVE_TTL_S, so predict stays off the database."""
 
     capacity: int
     batching: bool
@@ -128,6 +134,24 @@ class ModelCache:
     _models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _loop: asyncio.AbstractEventLoop | None = None  # the loop serving the models, once one was loaded
+    _resolved: dict[str, tuple[float, Resolved]] = field(default_factory=dict)  # ref -> (good until, model)
+
+    async def resolve(self, ref: str, resolver: Callable[[], Resolved]) -> Resolved:
+        """The model `ref` names: a loaded model's id at once; anything else from `resolver` (the store, in a
+        thread), remembered for RESOLVE_TTL_S: an alias moved takes effect here within that time."""
+        if ref in self._models:
+            return Resolved(ref, "1")
+        now = time.monotonic()
+        hit = self._resolved.get(ref)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        resolved = await asyncio.to_thread(resolver)
+        if len(self._resolved) >= RESOLVED_KEPT:
+            self._resolved = {k: v for k, v in self._resolved.items() if v[0] > now}
+            while len(self._resolved) >= RESOLVED_KEPT:
+                self._resolved.pop(next(iter(self._resolved)))
+        self._resolved[ref] = (now + RESOLVE_TTL_S, resolved)
+        return resolved
 
     def forget(self, model_id: str) -> None:
         """Drop a deleted model; callable from any thread (the endpoints that delete run in a thread pool).
@@ -136,6 +160,7 @@ class ModelCache:
             self._loop.call_soon_threadsafe(self._drop, model_id)
 
     def _drop(self, model_id: str) -> None:
+        self._resolved = {k: v for k, v in self._resolved.items() if v[1].model_id != model_id}
         loaded = self._models.pop(model_id, None)
         if loaded is not None and loaded.batcher is not None:
             asyncio.ensure_future(loaded.batcher.close())  # requests already queued are still answered

@@ -13,7 +13,15 @@ from models.contract.layout import ONNX_KIND
 from models.contract.metrics import GroupSummary
 from service.api.models_api.schemas import ModelPublic, Parity
 from service.store.errors import ResourceConflict, ResourceNotFound
-from service.store.orm import ArtifactRow, ModelRow, RunRow, RunStatus
+from service.store.orm import (
+    ArtifactRow,
+    ModelAliasRow,
+    ModelRow,
+    ModelVersionRow,
+    RegisteredModelRow,
+    RunRow,
+    RunStatus,
+)
 
 
 def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow]:
@@ -28,10 +36,55 @@ def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow]:
     return row, session.get(RunRow, model_id)
 
 
+@dataclass(frozen=True)
+class Resolved:
+    model_id: str
+    version: str  # the registry's version number, or "1" for a model named by its id
+
+
+def resolve_reference(session: Session, ref: str, version: str | None = None) -> Resolved:
+    """The model a reference names: a model's id, a registered name (its latest version), `name@3` (a version)
+    or `name@production` (an alias); `version` (the Open Inference Protocol's) is the part after the @."""
+    if version is None and "@" in ref:
+        ref, version = ref.split("@", 1)
+    registered = session.get(RegisteredModelRow, ref)
+    if registered is None:
+        if version not in (None, "1"):
+            get(session, ref)  # 404 (or 409) for what is neither a name nor a model
+            raise ResourceNotFound(f"model {ref} has one version, 1; {version!r} names none")
+        get(session, ref)
+        return Resolved(ref, "1")
+    if version is None:
+        if not registered.versions:
+            raise ResourceNotFound(f"registered model {ref!r} has no version yet")
+        latest = registered.versions[-1]
+        return Resolved(latest.model_id, str(latest.version))
+    if not version.isdigit():
+        alias = session.get(ModelAliasRow, (ref, version))
+        if alias is None:
+            raise ResourceNotFound(f"{ref!r} has no alias {version!r}")
+        version = str(alias.version)
+    found = next((v for v in registered.versions if str(v.version) == version), None)
+    if found is None:
+        raise ResourceNotFound(f"{ref!r} has no version {version}")
+    return Resolved(found.model_id, version)
+
+
+def versions_of(session: Session, ref: str) -> list[str]:
+    """The versions an Open Inference Protocol client may name: a registered name's, or "1" for a model id."""
+    registered = session.get(RegisteredModelRow, ref.split("@", 1)[0])
+    return [str(v.version) for v in registered.versions] if registered is not None else ["1"]
+
+
 def delete(session: Session, model_id: str) -> str:
     """Delete a model's row and its ONNX artifact row (the run stays, with no model); returns the stored path
-    of the file to remove once the deletion is committed."""
+    of the file to remove once the deletion is committed. A registered version is a conflict."""
     row, _ = get(session, model_id)
+    registered = session.scalars(select(ModelVersionRow).where(ModelVersionRow.model_id == model_id)).first()
+    if registered is not None:
+        raise ResourceConflict(f"model {model_id} is version {registered.version} of {registered.name!r}; remove "
+                               f"it from the registry first (DELETE /v1/registry/{registered.name}/versions/"
+                               f"{registered.version})")
     onnx_path = row.onnx_path
     session.execute(delete_rows(ArtifactRow).where(ArtifactRow.run_id == model_id, ArtifactRow.kind == ONNX_KIND))
     session.delete(row)
