@@ -10,7 +10,8 @@ from service.store.migrate import check_no_drift, downgrade_base, upgrade_head
 from service.store.orm import Base
 
 pytestmark = pytest.mark.integration
-TABLES = {"datasets", "runs", "metrics", "artifacts", "models", "workers", "run_tags"}
+TABLES = {"datasets", "runs", "metrics", "artifacts", "models", "workers", "run_tags", "registered_models",
+          "model_versions", "model_aliases", "alias_events"}
 
 
 def _tables(url: str) -> set[str]:

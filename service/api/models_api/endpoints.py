@@ -48,9 +48,10 @@ def get_model(model_ref: str, session: SessionDep, _: ApiKey) -> ModelPublic:
     return service.to_public(*service.get(session, service.resolve_reference(session, model_ref).model_id))
 
 
-@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(404, 409),
+@router.delete("/{model_ref}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(404, 409),
                summary="Delete a model and its ONNX file (its run stays); it is no longer served")
-def delete_model(model_id: str, request: Request, session: SessionDep, settings: SettingsDep, _: ApiKey) -> Response:
+def delete_model(model_ref: str, request: Request, session: SessionDep, settings: SettingsDep, _: ApiKey) -> Response:
+    model_id = model_ref  # deleting takes the model's own id, never a name or an alias that may move
     onnx_path = service.delete(session, model_id)
     session.commit()  # the file goes only once the rows are gone
     request.app.state.models.forget(model_id)

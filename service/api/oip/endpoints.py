@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
 from service.api.auth import ApiKey
+from service.api.errors import problems
 from service.api.models_api import service
 from service.api.models_api.runtime import LoadedModel
 from service.api.oip.codec import (
@@ -35,7 +36,8 @@ from service.api.oip.codec import (
 from service.store.db import get_engine, session_scope
 from service.store.errors import InvalidInput, ServiceUnavailable
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"],
+                   responses=problems(400, 401, 404, 409, 413, 422, 503))
 
 SERVER_NAME = "h2t"
 EXTENSIONS = ["binary_tensor_data"]

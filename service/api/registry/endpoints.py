@@ -23,7 +23,7 @@ from service.api.registry.schemas import (
 )
 from service.store.orm import REGISTRY_NAME_PATTERN
 
-router = APIRouter(prefix="/v1/registry", tags=["registry"], responses=problems(401, 404, 422, 503))
+router = APIRouter(prefix="/v1/registry", tags=["registry"], responses=problems(400, 401, 404, 413, 422, 503))
 AliasName = Annotated[str, Path(pattern=REGISTRY_NAME_PATTERN, description="e.g. production, staging")]
 
 
