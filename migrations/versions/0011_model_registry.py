@@ -1,4 +1,5 @@
-"""model registry: registered names, numbered versions (each one model), aliases and their moves
+"""model registry: registered names, numbered versions (each one model), aliases and their moves; models
+get their own id (a run's model keeps the run's id) so a model imported from `h2t train` needs no run
 
 Revision ID: 0011
 Revises: 0010
@@ -19,6 +20,16 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table('models', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('id', sa.String(length=36), nullable=True))
+        batch_op.add_column(sa.Column('origin', sa.JSON(), nullable=True))
+    op.execute("UPDATE models SET id = run_id")
+    with op.batch_alter_table('models', schema=None) as batch_op:
+        batch_op.alter_column('id', existing_type=sa.String(length=36), nullable=False)
+        batch_op.drop_constraint('pk_models', type_='primary')
+        batch_op.create_primary_key('pk_models', ['id'])
+        batch_op.alter_column('run_id', existing_type=sa.String(length=36), nullable=True)
+        batch_op.create_unique_constraint(batch_op.f('uq_models_run_id'), ['run_id'])
     op.create_table('registered_models',
     sa.Column('name', sa.String(length=64), nullable=False),
     sa.Column('description', sa.Text(), nullable=True),
@@ -55,7 +66,7 @@ def upgrade() -> None:
     sa.Column('model_id', sa.String(length=36), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('created_by', sa.String(length=200), nullable=False),
-    sa.ForeignKeyConstraint(['model_id'], ['models.run_id'], name=op.f('fk_model_versions_model_id_models'), ondelete='RESTRICT'),
+    sa.ForeignKeyConstraint(['model_id'], ['models.id'], name=op.f('fk_model_versions_model_id_models'), ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['name'], ['registered_models.name'], name=op.f('fk_model_versions_name_registered_models'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_model_versions')),
     sa.UniqueConstraint('name', 'version', name='uq_model_versions_name_version')
@@ -78,3 +89,11 @@ def downgrade() -> None:
 
     op.drop_table('alias_events')
     op.drop_table('registered_models')
+    op.execute("DELETE FROM models WHERE run_id IS NULL")  # imported models have no run to be keyed by
+    with op.batch_alter_table('models', schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f('uq_models_run_id'), type_='unique')
+        batch_op.alter_column('run_id', existing_type=sa.String(length=36), nullable=False)
+        batch_op.drop_constraint('pk_models', type_='primary')
+        batch_op.create_primary_key('pk_models', ['run_id'])
+        batch_op.drop_column('origin')
+        batch_op.drop_column('id')

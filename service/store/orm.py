@@ -162,11 +162,14 @@ class ArtifactRow(Base):
 
 
 class ModelRow(Base):
-    """The exported classifier of a succeeded run; its id is the run's id."""
+    """An exported classifier: a succeeded run's (its id is the run's id) or one imported from a folder that
+    `h2t train` wrote (`origin` says where it came from; no run)."""
 
     __tablename__ = "models"
 
-    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), unique=True)
+    origin: Mapped[dict | None] = mapped_column(JSON)  # an imported model's provenance: folder, config, figures
     onnx_path: Mapped[str] = mapped_column(String(500))  # relative to the artifact store
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
@@ -207,7 +210,7 @@ class ModelVersionRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(ForeignKey("registered_models.name", ondelete="CASCADE"), index=True)
     version: Mapped[int] = mapped_column(Integer)
-    model_id: Mapped[str] = mapped_column(ForeignKey("models.run_id", ondelete="RESTRICT"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_by: Mapped[str] = mapped_column(String(NAME_LENGTH))
 

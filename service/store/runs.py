@@ -236,7 +236,7 @@ def succeed(session: Session, run_id: str, token: str, model: ExportedModel,
     status = finish(session, run_id, token, RunStatus.succeeded)
     if status != RunStatus.succeeded:
         return status
-    row = session.get(ModelRow, run_id) or ModelRow(run_id=run_id)
+    row = session.get(ModelRow, run_id) or ModelRow(id=run_id, run_id=run_id)  # a run's model has the run's id
     row.onnx_path, row.sha256, row.size_bytes = model.onnx.path, model.onnx.sha256, model.onnx.size_bytes
     row.parity_max_abs_diff, row.parity_images = model.parity_max_abs_diff, model.parity_images
     row.input_spec = model.spec.input_description()

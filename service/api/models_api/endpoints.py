@@ -78,7 +78,7 @@ def download_onnx(model_ref: str, request: Request, session: SessionDep, setting
     if _matches(request.headers.get("if-none-match"), etag):  # the client's copy is this very file
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     return FileResponse(settings.artifacts.resolve(row.onnx_path), media_type="application/octet-stream",
-                        filename=f"h2t-{row.run_id}.onnx", headers={"ETag": etag})
+                        filename=f"h2t-{row.id}.onnx", headers={"ETag": etag})
 
 
 @router.get("/{model_ref}/calibration", response_model=CalibrationPublic, responses=problems(404, 409),
@@ -86,7 +86,7 @@ def download_onnx(model_ref: str, request: Request, session: SessionDep, setting
             summary="Accuracy, ECE and reliability bins overall and per group, on the test split")
 def get_calibration(model_ref: str, session: SessionDep, _: ApiKey) -> CalibrationPublic:
     row, _run = service.get(session, service.resolve_reference(session, model_ref).model_id)
-    return CalibrationPublic(model_id=row.run_id, **row.calibration)
+    return CalibrationPublic(model_id=row.id, **row.calibration)
 
 
 async def _read_images(request: Request, settings) -> tuple[list[bytes], int]:

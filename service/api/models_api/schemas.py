@@ -13,9 +13,10 @@ class Parity(BaseModel):
 
 
 class ModelPublic(BaseModel):
-    id: str = Field(description="the id of the run that trained it")
-    run_id: str
-    dataset_id: str
+    id: str = Field(description="a run's model has the run's id")
+    run_id: str | None = Field(description="the run that trained it; null for a model imported from `h2t train`")
+    dataset_id: str | None = Field(description="the dataset its run trained on; null for an imported model")
+    origin: dict | None = Field(None, description="an imported model's provenance: its folder, config and figures")
     num_classes: int
     class_names: list[str]
     groups: list[str] = Field(description="many/medium/few of each class")

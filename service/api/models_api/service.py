@@ -24,7 +24,8 @@ from service.store.orm import (
 )
 
 
-def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow]:
+def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow | None]:
+    """The model and the run that trained it (None for an imported model)."""
     row = session.get(ModelRow, model_id)
     if row is None:
         run = session.get(RunRow, model_id)
@@ -33,7 +34,7 @@ def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow]:
         if run.status == RunStatus.succeeded:
             raise ResourceNotFound(f"model {model_id} was deleted (its run is kept)")
         raise ResourceConflict(f"run {model_id} is {run.status}: it has no exported model yet")
-    return row, session.get(RunRow, model_id)
+    return row, session.get(RunRow, row.run_id) if row.run_id is not None else None
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,18 @@ def delete(session: Session, model_id: str) -> str:
                                f"it from the registry first (DELETE /v1/registry/{registered.name}/versions/"
                                f"{registered.version})")
     onnx_path = row.onnx_path
-    session.execute(delete_rows(ArtifactRow).where(ArtifactRow.run_id == model_id, ArtifactRow.kind == ONNX_KIND))
+    if row.run_id is not None:
+        session.execute(delete_rows(ArtifactRow).where(ArtifactRow.run_id == row.run_id,
+                                                       ArtifactRow.kind == ONNX_KIND))
     session.delete(row)
     session.flush()
     return onnx_path
 
 
-def to_public(row: ModelRow, run: RunRow) -> ModelPublic:
+def to_public(row: ModelRow, run: RunRow | None) -> ModelPublic:
     return ModelPublic(
-        id=row.run_id, run_id=row.run_id, dataset_id=run.dataset_id, num_classes=len(row.class_names),
+        id=row.id, run_id=row.run_id, dataset_id=run.dataset_id if run is not None else None, origin=row.origin,
+        num_classes=len(row.class_names),
         class_names=row.class_names, groups=row.groups, input=row.input_spec, onnx_sha256=row.sha256,
         size_bytes=row.size_bytes, parity=Parity(max_abs_diff=row.parity_max_abs_diff, images=row.parity_images),
         calibration={name: GroupSummary.model_validate(g) for name, g in row.calibration["groups"].items()},
@@ -102,9 +106,9 @@ def to_public(row: ModelRow, run: RunRow) -> ModelPublic:
     )
 
 
-def list_models(session: Session, limit: int, offset: int) -> tuple[list[tuple[ModelRow, RunRow]], int]:
+def list_models(session: Session, limit: int, offset: int) -> tuple[list[tuple[ModelRow, RunRow | None]], int]:
     total = session.scalar(select(func.count()).select_from(ModelRow)) or 0
-    rows = session.execute(select(ModelRow, RunRow).join(RunRow, RunRow.id == ModelRow.run_id)
+    rows = session.execute(select(ModelRow, RunRow).outerjoin(RunRow, RunRow.id == ModelRow.run_id)
                            .order_by(ModelRow.created_at.desc()).limit(limit).offset(offset)).all()
     return [(m, r) for m, r in rows], total
 
@@ -123,7 +127,7 @@ class ServingRecord:
 
     @classmethod
     def from_row(cls, row: ModelRow) -> ServingRecord:
-        return cls(row.run_id, row.onnx_path, row.sha256, tuple(row.class_names), tuple(row.groups),
+        return cls(row.id, row.onnx_path, row.sha256, tuple(row.class_names), tuple(row.groups),
                    {name: GroupSummary.model_validate(g).model_dump() for name, g in row.calibration["groups"].items()})
 
 
