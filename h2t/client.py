@@ -152,6 +152,32 @@ class Client:
 
     # --- plumbing -------------------------------------------------------------------------------------
 
+    def import_model(self, onnx: Path, manifest: dict[str, Any]) -> dict:
+        """POST /v1/models: an ONNX file exported by h2t with what was measured of it (schemas.ImportManifest)."""
+        with open(onnx, "rb") as f:
+            return self._call("POST", "/v1/models", files={"onnx": (onnx.name, f, "application/octet-stream")},
+                              data={"manifest": json.dumps(manifest)})
+
+    # --- the model registry ---------------------------------------------------------------------------
+
+    def registered(self, name: str | None = None) -> dict:
+        return self._call("GET", f"/v1/registry/{name}" if name else "/v1/registry")
+
+    def register(self, name: str, description: str | None = None) -> dict:
+        return self._call("POST", "/v1/registry", json={"name": name, "description": description})
+
+    def add_version(self, name: str, model_id: str) -> dict:
+        return self._call("POST", f"/v1/registry/{name}/versions", json={"model_id": model_id})
+
+    def set_alias(self, name: str, alias: str, version: int) -> dict:
+        return self._call("PUT", f"/v1/registry/{name}/aliases/{alias}", json={"version": version})
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        self._call("DELETE", f"/v1/registry/{name}/aliases/{alias}")
+
+    def unregister(self, name: str) -> None:
+        self._call("DELETE", f"/v1/registry/{name}")
+
     def _call(self, method: str, path: str, text: bool = False, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)

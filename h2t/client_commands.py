@@ -84,8 +84,34 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         if verb == "download":
             parser.add_argument("-o", "--output", type=Path, help="default: h2t-<id>.onnx")
 
+    imported = models.add_parser("import", parents=[common], help="export, calibrate and upload the model of a "
+                                 "folder `h2t train` finished (needs the training extra and the dataset)")
+    imported.add_argument("folder", type=Path, help="the --out folder of `h2t train`")
+    imported.add_argument("--data-root", type=Path, help="where its dataset lives (default: $H2T_DATA_ROOT)")
+    imported.add_argument("--register", metavar="NAME", help="also add it as the next version of this registered "
+                          "name (created if new)")
+
+    registry = commands.add_parser("registry", help="registered model names, versions and aliases").add_subparsers(
+        dest="verb", required=True)
+    registry.add_parser("list", parents=[common])
+    for verb, extra in (("show", ()), ("create", ("--description",)), ("delete", ())):
+        parser = registry.add_parser(verb, parents=[common])
+        parser.add_argument("name")
+        for option in extra:
+            parser.add_argument(option)
+    add = registry.add_parser("add", parents=[common], help="add a model as the next version of NAME")
+    add.add_argument("name")
+    add.add_argument("model", help="the model's id")
+    alias = registry.add_parser("alias", parents=[common], help="point ALIAS of NAME at VERSION (one call)")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", type=int)
+    unalias = registry.add_parser("unalias", parents=[common])
+    unalias.add_argument("name")
+    unalias.add_argument("alias")
+
     predict = commands.add_parser("predict", parents=[common], help="classify image files with a served model")
-    predict.add_argument("model")
+    predict.add_argument("model", help="a model's id, a registered name, NAME@VERSION or NAME@ALIAS")
     predict.add_argument("files", nargs="+", type=Path)
     predict.add_argument("--top-k", type=int, default=3)
 
@@ -100,7 +126,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--watch", action="store_true", help="wait for every run, then print accuracy and calibration "
                        "per rho and seed; exit 1 if any failed")
 
-    for name in ("datasets", "runs", "models", "predict", "sweep"):
+    for name in ("datasets", "runs", "models", "registry", "predict", "sweep"):
         commands.choices[name].set_defaults(func=client_command)
 
 
@@ -159,6 +185,24 @@ def _dispatch(client: Client, args: argparse.Namespace) -> int:
         case "models", "delete":
             client.delete_model(args.id)
             return _done(args, f"deleted model {args.id}")
+        case "models", "import":
+            return _import(client, args)
+        case "registry", "list":
+            return _show_list(args, client.registered(), _registered_line)
+        case "registry", "show":
+            return _show(args, client.registered(args.name), _registered_line)
+        case "registry", "create":
+            return _show(args, client.register(args.name, args.description), _registered_line)
+        case "registry", "delete":
+            client.unregister(args.name)
+            return _done(args, f"removed {args.name} from the registry (its models stay)")
+        case "registry", "add":
+            return _show(args, client.add_version(args.name, args.model), _registered_line)
+        case "registry", "alias":
+            return _show(args, client.set_alias(args.name, args.alias, args.version), _registered_line)
+        case "registry", "unalias":
+            client.remove_alias(args.name, args.alias)
+            return _done(args, f"removed alias {args.alias} of {args.name}")
         case "sweep", _:
             return _sweep(client, args)
         case "predict", _:
@@ -168,7 +212,7 @@ def _dispatch(client: Client, args: argparse.Namespace) -> int:
                 return 0
             for path, prediction in zip(args.files, answer["predictions"], strict=True):
                 best = prediction["predicted"]
-                print(f"{path}: {best['class_name']} ({100 * best['probability']:.1f} %, {best['group']} class)")
+                print(f"{path}: {best['label']} ({100 * best['probability']:.1f} %, {best['group']} class)")
             return 0
     raise AssertionError(f"unhandled command {args.command} {verb}")
 
@@ -302,6 +346,56 @@ def _show_list(args: argparse.Namespace, answer: dict, line: Any) -> int:
 
 def _done(args: argparse.Namespace, message: str) -> int:
     print(json.dumps({"ok": True, "message": message}) if args.json else message)
+    return 0
+
+
+def _registered_line(r: dict) -> str:
+    aliases = ", ".join(f"{a['alias']}={a['version']}" for a in r["aliases"])
+    return f"{r['name']}  latest {r['latest_version'] or '-'}  {len(r['versions'])} version(s)" + (
+        f"  aliases {aliases}" if aliases else "")
+
+
+def _import(client: Client, args: argparse.Namespace) -> int:
+    """Export and calibrate a finished `h2t train` folder here, as a worker does, then upload it."""
+    import tempfile
+
+    from models.contract.config import LocalTrainConfig
+    from models.core.data import load_dataset
+    from models.core.export import export_finished_folder
+    from service.store.settings import Settings
+
+    folder = args.folder
+    config_file = folder / "config.yaml"
+    if not config_file.exists():
+        raise ApiError(400, f"{folder} holds no config.yaml: give the --out folder of `h2t train`")
+    config = LocalTrainConfig.model_validate(yaml.safe_load(config_file.read_text()))
+    dataset = load_dataset(config.dataset, args.data_root or Settings().data_root, augment=config.augment,
+                           loader=config.loader)
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            served = export_finished_folder(folder, config, dataset, Path(scratch) / "model.onnx")
+        except (FileNotFoundError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from exc
+        report = served.calibration
+        manifest = {"calibration": report.model_dump(mode="json"),
+                    "parity": {"max_abs_diff": served.export.parity_max_abs_diff,
+                               "images": served.export.parity_images},
+                    "origin": {"kind": "h2t train", "folder": str(folder.resolve()), "dataset": dataset.name,
+                               "config": config.model_dump(mode="json")}}
+        model = client.import_model(Path(scratch) / "model.onnx", manifest)
+    if args.register:
+        try:
+            client.register(args.register)
+        except ApiError as exc:
+            if exc.status != 409:  # an existing name gets the next version
+                raise
+        registered = client.add_version(args.register, model["id"])
+        model["registered"] = {"name": args.register, "version": registered["latest_version"]}
+    if args.json:
+        print(json.dumps(model))
+        return 0
+    print(f"imported model {model['id']}: top-1 {pct(report.top1)} %, few-shot {pct(report.groups['few'].accuracy)} %"
+          + (f"; {args.register} version {model['registered']['version']}" if args.register else ""))
     return 0
 
 

@@ -67,6 +67,10 @@ class ArtifactLayout:
     def run(self, run_id: str) -> RunFolder:
         return RunFolder(self.root / "runs" / run_id)
 
+    def imported_model(self, model_id: str) -> Path:
+        """The ONNX file of a model imported without a run (a run's model lives in its run folder)."""
+        return self.root / "models" / model_id / "model.onnx"
+
     def dataset(self, dataset_id: str) -> Path:
         return self.root / "datasets" / dataset_id
 

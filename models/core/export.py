@@ -104,3 +104,23 @@ def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[
         probs = [run_probabilities(session, uint8_to_input(images.numpy())) for images in batches]
     report = evaluate_predictions(np.concatenate(probs), dataset.test.labels.numpy(), groups)
     return ServedModel(result, spec, report)
+
+
+def export_finished_folder(folder_root: Path, config, dataset: Dataset, path: Path) -> ServedModel:
+    """Export and calibrate the final stage-2 model of a folder `h2t train` finished, exactly as a worker does
+    for a service run (`export_and_calibrate`); a folder whose stage 2 has not finished is refused."""
+    from models.contract.layout import RunFolder
+    from models.core.backbones import build_classifier
+    from models.core.train import load_checkpoint, run_groups
+
+    checkpoint = RunFolder(folder_root).checkpoint(2)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{folder_root} holds no stage-2 checkpoint; train it with `h2t train --out "
+                                f"{folder_root}` first")
+    state = load_checkpoint(checkpoint)
+    if state["epoch"] < state["meta"]["epochs"]:
+        raise ValueError(f"stage 2 in {folder_root} stopped at epoch {state['epoch']} of {state['meta']['epochs']}; "
+                         f"run the same `h2t train --out {folder_root}` again to finish it")
+    model = build_classifier(config.backbone, dataset.num_classes)
+    model.load_state_dict(state["model"])
+    return export_and_calibrate(model.eval(), dataset, run_groups(dataset, config), path)

@@ -41,7 +41,7 @@ def body_limit(settings: Settings, path: str, content_type: bytes) -> int:
         return settings.infer_max_bytes
     if path.endswith("/predict"):
         return settings.predict_max_images * (settings.predict_max_image_bytes * 4 // 3 + 1024) + 64 * 1024
-    if path == "/v1/datasets" and content_type.lower().startswith(b"multipart/form-data"):
+    if path in ("/v1/datasets", "/v1/models") and content_type.lower().startswith(b"multipart/form-data"):
         return settings.max_upload_bytes
     return settings.max_json_body_bytes
 

@@ -3,12 +3,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from models.contract.config import validation_sentence
 from models.contract.onnx_model import ModelSpec, decode_image
 from service.api.auth import ApiKey
 from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
@@ -17,6 +22,7 @@ from service.api.errors import problems
 from service.api.models_api import service
 from service.api.models_api.schemas import (
     CalibrationPublic,
+    ImportManifest,
     ModelPublic,
     ModelsPublic,
     PredictJSON,
@@ -31,6 +37,43 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=problems(401,
 _IMAGES_FIELD = "images"
 _PREDICT_BODY = json_or_multipart_body(PredictJSON, PredictOptions, {
     _IMAGES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}})
+
+
+_ONNX_FIELD, _MANIFEST_FIELD = "onnx", "manifest"
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelPublic,
+             responses=problems(400, 413, 415), summary="Import a model exported by `h2t models import`",
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": [_ONNX_FIELD, _MANIFEST_FIELD], "properties": {
+                     _ONNX_FIELD: {"type": "string", "format": "binary", "description": "the ONNX file"},
+                     _MANIFEST_FIELD: {"type": "string", "description": "JSON text: an ImportManifest"}}}}}}})
+async def import_model(request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+                       _: ApiKey) -> ModelPublic:
+    if media_type(request) != "multipart/form-data":
+        raise UnsupportedMediaType("send multipart/form-data with an `onnx` file and a `manifest` field")
+    form = await request.form(max_files=1, max_fields=4)
+    upload, manifest_text = form.get(_ONNX_FIELD), form.get(_MANIFEST_FIELD)
+    if not isinstance(upload, UploadFile) or not isinstance(manifest_text, str):
+        raise InvalidInput(f"multipart body needs a file {_ONNX_FIELD!r} and a JSON field {_MANIFEST_FIELD!r}")
+    try:
+        manifest = ImportManifest.model_validate_json(manifest_text)
+    except ValidationError as exc:
+        raise InvalidInput(f"manifest: {validation_sentence(exc)}") from exc
+    settings.artifacts.uploads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.artifacts.uploads) as scratch:
+        path = Path(scratch) / "model.onnx"
+        with open(path, "wb") as out:
+            while chunk := await upload.read(1 << 20):
+                out.write(chunk)
+        row = await asyncio.to_thread(service.import_model, session, settings, path, manifest)
+    try:
+        session.commit()
+    except BaseException:
+        shutil.rmtree(settings.artifacts.imported_model(row.id).parent, ignore_errors=True)
+        raise
+    response.headers["Location"] = f"/v1/models/{row.id}"
+    return service.to_public(row, None)
 
 
 @router.get("", response_model=ModelsPublic)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from models.contract.metrics import EvaluationReport, GroupSummary
 
@@ -68,3 +68,15 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model_id: str
     predictions: list[Prediction]
+
+
+class ImportManifest(BaseModel):
+    """The `manifest` field (JSON text) beside the `onnx` file of POST /v1/models: what `h2t models import`
+    measured of the exported file, as a worker measures a run's model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration: EvaluationReport = Field(description="the ONNX model on the held-out test split, through "
+                                          "onnxruntime: accuracy, ECE and bins overall and per group")
+    parity: Parity = Field(description="max |p_onnx - p_torch| on real test images")
+    origin: dict = Field(default_factory=dict, description="provenance: the folder, its config, its figures")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import delete as delete_rows
@@ -10,9 +13,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models.contract.layout import ONNX_KIND
-from models.contract.metrics import GroupSummary
-from service.api.models_api.schemas import ModelPublic, Parity
-from service.store.errors import ResourceConflict, ResourceNotFound
+from models.contract.metrics import GROUP_NAMES, GroupSummary
+from models.contract.onnx_model import load_session, session_spec, sha256_file
+from service.api.models_api.schemas import ImportManifest, ModelPublic, Parity
+from service.store.errors import InvalidInput, ResourceConflict, ResourceNotFound
 from service.store.orm import (
     ArtifactRow,
     ModelAliasRow,
@@ -22,6 +26,7 @@ from service.store.orm import (
     RunRow,
     RunStatus,
 )
+from service.store.settings import Settings
 
 
 def get(session: Session, model_id: str) -> tuple[ModelRow, RunRow | None]:
@@ -153,3 +158,35 @@ def predictions(probs: np.ndarray, record: ServingRecord, top_k: int) -> list[di
                           "group": group, "group_calibration": record.group_calibration[group]},
         })
     return out
+
+
+def import_model(session: Session, settings: Settings, upload: Path, manifest: ImportManifest) -> ModelRow:
+    """A model exported by `h2t models import`: the file must load in onnxruntime and carry h2t's metadata,
+    and the calibration must be per group of its classes; moved into the artifact store only then. Nothing
+    stays on failure."""
+    try:
+        spec = session_spec(load_session(upload))
+    except KeyError as exc:
+        raise InvalidInput(f"the ONNX file lacks h2t's metadata ({exc}): export it with `h2t models import`") from exc
+    except Exception as exc:  # onnxruntime's errors for a file that is no model
+        raise InvalidInput(f"the file is not an ONNX model onnxruntime can load: {type(exc).__name__}") from exc
+    if set(manifest.calibration.groups) != {"overall", *GROUP_NAMES}:
+        raise InvalidInput("manifest.calibration.groups must hold overall, many, medium and few")
+    if len(spec.groups) != len(spec.class_names) or set(spec.groups) - set(GROUP_NAMES):
+        raise InvalidInput("the model's metadata gives no many/medium/few group for each class")
+    model_id = str(uuid.uuid4())
+    final = settings.artifacts.imported_model(model_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.move(upload, final)
+        row = ModelRow(id=model_id, run_id=None, origin=manifest.origin, onnx_path=settings.artifacts.relative(final),
+                       sha256=sha256_file(final), size_bytes=final.stat().st_size,
+                       parity_max_abs_diff=manifest.parity.max_abs_diff, parity_images=manifest.parity.images,
+                       input_spec=spec.input_description(), class_names=list(spec.class_names),
+                       groups=list(spec.groups), calibration=manifest.calibration.model_dump(mode="json"))
+        session.add(row)
+        session.flush()
+        return row
+    except BaseException:
+        shutil.rmtree(final.parent, ignore_errors=True)
+        raise
