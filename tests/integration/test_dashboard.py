@@ -214,6 +214,17 @@ def test_the_dashboard_follows_a_run_compares_rho_serves_predictions_and_cancels
         page.set_input_files("#images", files=[{"name": "other.png", "mimeType": "image/png", "buffer": digit_png(5)}])
         page.locator("table[aria-label=Predictions] td", has_text="other.png").wait_for()
 
+        # the registry on the models page, and a model opened by name@alias
+        http.post("/v1/registry", json={"name": "ui-digits"}).raise_for_status()
+        http.post("/v1/registry/ui-digits/versions", json={"model_id": base["id"]}).raise_for_status()
+        http.put("/v1/registry/ui-digits/aliases/production", json={"version": 1}).raise_for_status()
+        page.goto(f"{base_url}/ui/#/models")
+        page.wait_for_selector("table[aria-label=Registry]")
+        assert "production → v1" in page.inner_text("table[aria-label=Registry]")
+        page.goto(f"{base_url}/ui/#/models/ui-digits@production")
+        page.wait_for_selector('svg[data-chart="reliability-overall"]')
+        assert page.inner_text("h1") == "Model of stage 1"
+
         # the dataset: one bar per class, coloured by its group
         page.goto(f"{base_url}/ui/#/datasets/{dataset['id']}")
         page.wait_for_selector('svg[data-chart="class-counts"]')

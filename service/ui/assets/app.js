@@ -579,18 +579,28 @@ function drawComparison(runs, ctx) {
 async function viewModels(_, __, ctx) {
   document.title = "Models · H2T";
   const models = (await api("/v1/models?limit=200")).data;
+  const registered = (await api("/v1/registry?limit=200")).data;
+  const registry = registered.length ? [h("h2", {}, "Registry"), h("table", { "aria-label": "Registry" },
+    h("thead", {}, h("tr", {}, ["Name", "Latest", "Versions", "Aliases", "Last alias move"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, registered.map((r) => h("tr", {},
+      h("td", {}, h("a", { href: `#/models/${encodeURIComponent(r.name)}` }, r.name)),
+      h("td", {}, r.latest_version || "–"),
+      h("td", {}, r.versions.map((v) => h("a", { href: `#/models/${v.model_id}`, class: "tag" }, `v${v.version}`))),
+      h("td", {}, r.aliases.map((a) => h("span", { class: "tag" }, `${a.alias} → v${a.version}`))),
+      h("td", {}, r.alias_history.length ? `${r.alias_history[0].alias} → ${r.alias_history[0].version ?? "removed"}, ` +
+        `${when(r.alias_history[0].at)} by ${r.alias_history[0].by}` : "–")))))] : [];
   const runs = Object.fromEntries((await api("/v1/runs?status=succeeded&limit=500")).data.map((r) => [r.id, r]));
   ctx.show(h("h1", {}, "Models"), h("table", { "aria-label": "Models" },
     h("thead", {}, h("tr", {}, ["Model", "Run", "Classes", "Top-1 %", "Few %", "ECE %", "Created"]
       .map((t, i) => h("th", { class: i >= 2 && i <= 5 ? "num" : null }, t)))),
     h("tbody", {}, models.length ? models.map((m) => h("tr", {},
       h("td", {}, h("a", { href: `#/models/${m.id}` }, short(m.id))),
-      h("td", {}, h("span", { class: "name", title: runs[m.run_id] ? runTitle(runs[m.run_id]) : m.run_id },
-        runs[m.run_id] ? runTitle(runs[m.run_id]) : short(m.run_id))),
+      h("td", {}, h("span", { class: "name", title: m.run_id || "imported" }, runs[m.run_id] ? runTitle(runs[m.run_id])
+        : m.run_id ? short(m.run_id) : `imported (${(m.origin && m.origin.folder || "").split("/").pop()})`)),
       h("td", { class: "num" }, m.num_classes), h("td", { class: "num" }, pct(m.calibration.overall.accuracy)),
       h("td", { class: "num" }, pct(m.calibration.few.accuracy)), h("td", { class: "num" }, pct(m.calibration.overall.ece)),
       h("td", {}, when(m.created_at)))) : [h("tr", {}, h("td", { colspan: 7, class: "empty" },
-      "No models yet: a run that succeeds exports one."))])));
+      "No models yet: a run that succeeds exports one."))])), ...registry);
 }
 
 async function download(model) {
@@ -603,17 +613,22 @@ async function download(model) {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
-async function viewModel([id], _, ctx) {
-  const model = await api(`/v1/models/${id}`);
+async function viewModel([ref], _, ctx) {
+  // a model's id, a registered name, name@version or name@alias; what it names now is shown and predicted with
+  const model = await api(`/v1/models/${encodeURIComponent(decodeURIComponent(ref))}`);
+  const id = model.id;
   const calibration = await api(`/v1/models/${id}/calibration`);
-  const run = await api(`/v1/runs/${model.run_id}`).catch(() => null);
-  const title = `Model of ${run ? runTitle(run) : short(model.run_id)}`;
+  const run = model.run_id ? await api(`/v1/runs/${model.run_id}`).catch(() => null) : null;
+  const imported = model.origin && model.origin.folder ? model.origin.folder.split("/").pop() : null;
+  const title = run ? `Model of ${runTitle(run)}` : imported ? `Model imported from ${imported}` : `Model ${short(model.id)}`;
   document.title = `${title} · H2T`;
   const input = model.input;
   const facts = [
     ["model id", model.id],
-    ["run", h("a", { href: `#/runs/${model.run_id}` }, run ? runTitle(run) : short(model.run_id))],
-    ["dataset", h("a", { href: `#/datasets/${model.dataset_id}` }, short(model.dataset_id))],
+    model.run_id ? ["run", h("a", { href: `#/runs/${model.run_id}` }, run ? runTitle(run) : short(model.run_id))]
+      : ["origin", `imported from ${model.origin && model.origin.kind} folder ${model.origin && model.origin.folder}`],
+    model.dataset_id ? ["dataset", h("a", { href: `#/datasets/${model.dataset_id}` }, short(model.dataset_id))]
+      : ["dataset", (model.origin && model.origin.dataset) || "–"],
     ["classes", `${model.num_classes} (${GROUPS.map((g) => `${model.groups.filter((x) => x === g).length} ${g}`).join(", ")})`],
     ["input", Object.entries(input).map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join(" · ")],
     ["ONNX sha256", model.onnx_sha256], ["size", `${(model.size_bytes / 1024).toFixed(0)} KiB`],
@@ -752,7 +767,7 @@ const ROUTES = [
   [/^#\/runs\/([\w-]+)$/, viewRun, "runs"],
   [/^#\/compare$/, viewCompare, "runs"],
   [/^#\/models\/?$/, viewModels, "models"],
-  [/^#\/models\/([\w-]+)$/, viewModel, "models"],
+  [/^#\/models\/([\w.@%-]+)$/, viewModel, "models"],
   [/^#\/datasets\/?$/, viewDatasets, "datasets"],
   [/^#\/datasets\/([\w-]+)$/, viewDataset, "datasets"],
 ];
