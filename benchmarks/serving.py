@@ -3,8 +3,9 @@
 1. onnxruntime vs torch eager (both fp32, CPU threads as configured) at batch 1 and 32;
 2. HTTP `POST /v1/models/{id}/predict` (one PNG per request) through a real `h2t serve` process:
    throughput and p50/p95/p99 latency at several client concurrencies, with request batching on
-   and off. The load generator runs on this machine against 127.0.0.1 only, a bounded number of
-   requests per point.
+   and off; and the Open Inference Protocol's `POST /v2/models/{id}/infer` (the same image as a UINT8
+   binary tensor, binary probabilities back) on the batching server. The load generator runs on this
+   machine against 127.0.0.1 only, a bounded number of requests per point.
 
   python benchmarks/serving.py                       # full run (a few minutes)
   python benchmarks/serving.py --requests 200 --rounds 1   # quicker
@@ -138,6 +139,20 @@ def multipart_request(host: str, path: str, key: str, png: bytes) -> bytes:
     return head.encode() + body
 
 
+def oip_request(host: str, path: str, key: str, image_chw: np.ndarray) -> bytes:
+    """One image as a UINT8 binary tensor, asking for the probabilities as binary data (as tritonclient does)."""
+    import json
+
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *image_chw.shape],
+                                     "parameters": {"binary_data_size": image_chw.size}}],
+                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    body = header + np.ascontiguousarray(image_chw, dtype=np.uint8).tobytes()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\n"
+            f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
 async def _user(port: int, request: bytes, count: list[int], latencies: list[float]) -> None:
     """One keep-alive connection sending requests back to back (a lean client: the 2 cores are shared)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -172,12 +187,13 @@ def http_table(home: Path, model_id: str, concurrencies: list[int], requests: in
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(buffer, "PNG")
+    pixels = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, "PNG")
     png = buffer.getvalue()
     key = secrets.token_urlsafe(8)
     servers: dict[bool, tuple[subprocess.Popen, int]] = {}
-    rates: dict[tuple[bool, int], list[float]] = {}
-    latencies: dict[tuple[bool, int], list[float]] = {}
+    rates: dict[tuple[str, int], list[float]] = {}  # (variant, concurrency)
+    latencies: dict[tuple[str, int], list[float]] = {}
     try:
         for batching in (False, True):
             port = free_port()
@@ -198,10 +214,16 @@ def http_table(home: Path, model_id: str, concurrencies: list[int], requests: in
         for _ in range(rounds):
             for concurrency in concurrencies:
                 for batching, (_, port) in servers.items():
-                    request = multipart_request(f"127.0.0.1:{port}", f"/v1/models/{model_id}/predict", key, png)
-                    rate, lat = asyncio.run(load(port, request, concurrency, requests))
-                    rates.setdefault((batching, concurrency), []).append(rate)
-                    latencies.setdefault((batching, concurrency), []).extend(lat)
+                    host = f"127.0.0.1:{port}"
+                    variants = [("predict, batching on" if batching else "predict, batching off",
+                                 multipart_request(host, f"/v1/models/{model_id}/predict", key, png))]
+                    if batching:
+                        variants.append(("OIP v2 infer, batching on", oip_request(
+                            host, f"/v2/models/{model_id}/infer", key, pixels.transpose(2, 0, 1))))
+                    for variant, request in variants:
+                        rate, lat = asyncio.run(load(port, request, concurrency, requests))
+                        rates.setdefault((variant, concurrency), []).append(rate)
+                        latencies.setdefault((variant, concurrency), []).extend(lat)
     finally:
         for process, _ in servers.values():
             process.terminate()
@@ -210,14 +232,14 @@ def http_table(home: Path, model_id: str, concurrencies: list[int], requests: in
     def pct(values: list[float], q: int) -> float:
         return 1000 * statistics.quantiles(values, n=100)[q - 1]
 
-    rows = ["| concurrency | batching | requests/s (median of rounds) | p50 ms | p95 ms | p99 ms | on / off |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| concurrency | endpoint | requests/s (median of rounds) | p50 ms | p95 ms | p99 ms | vs predict, "
+            "batching off |", "|---|---|---|---|---|---|---|"]
     for concurrency in concurrencies:
-        off = statistics.median(rates[(False, concurrency)])
-        for batching in (False, True):
-            rate, lat = statistics.median(rates[(batching, concurrency)]), latencies[(batching, concurrency)]
-            ratio = f"{rate / off:.2f}" if batching else ""
-            rows.append(f"| {concurrency} | {'on' if batching else 'off'} | {rate:,.0f} | {pct(lat, 50):.1f} | "
+        off = statistics.median(rates[("predict, batching off", concurrency)])
+        for variant in ("predict, batching off", "predict, batching on", "OIP v2 infer, batching on"):
+            rate, lat = statistics.median(rates[(variant, concurrency)]), latencies[(variant, concurrency)]
+            ratio = f"{rate / off:.2f}" if variant != "predict, batching off" else ""
+            rows.append(f"| {concurrency} | {variant} | {rate:,.0f} | {pct(lat, 50):.1f} | "
                         f"{pct(lat, 95):.1f} | {pct(lat, 99):.1f} | {ratio} |")
     return rows
 
