@@ -130,11 +130,12 @@ def register(home: Path, result, spec: ModelSpec) -> str:
     return run_id
 
 
-def multipart_request(host: str, path: str, key: str, png: bytes) -> bytes:
+def multipart_request(host: str, path: str, key: str | None, png: bytes, field: str = "images") -> bytes:
     boundary = "h2tbenchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x.png\"\r\n"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"x.png\"\r\n"
             f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\n"
+    auth = f"X-API-Key: {key}\r\n" if key else ""
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
 
@@ -163,9 +164,14 @@ async def _user(port: int, request: bytes, count: list[int], latencies: list[flo
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             status = head.split(b" ", 2)[1]
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            await reader.readexactly(length)
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)}
+            if b"content-length" in headers:
+                await reader.readexactly(int(headers[b"content-length"]))
+            else:  # chunked
+                while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) > 0:
+                    await reader.readexactly(size + 2)
+                await reader.readuntil(b"\r\n")
             latencies.append(time.perf_counter() - started)
             if status != b"200":
                 raise RuntimeError(f"HTTP {status.decode()}")
@@ -244,19 +250,113 @@ def http_table(home: Path, model_id: str, concurrencies: list[int], requests: in
     return rows
 
 
+def start_h2t(home: Path, key: str, port: int, log: Path) -> subprocess.Popen:
+    import httpx
+
+    env = {**os.environ, "H2T_ARTIFACT_DIR": str(home / "artifacts"), "H2T_API_KEYS": key,
+           "H2T_BROKER_URL": f"sqla+sqlite:///{home / 'b.db'}"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "h2t", "serve", "--host", "127.0.0.1", "--port", str(port),
+                                    "--log-level", "WARNING"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError(f"h2t serve did not start: {log.read_text()[-2000:]}")
+
+
+def rivals_table(home: Path, model_id: str, onnx: Path, cache: Path, concurrencies: list[int], requests: int,
+                 rounds: int) -> list[str]:
+    """Ours (predict and OIP v2, default settings: one process, batching on) against the bare FastAPI +
+    onnxruntime endpoint, BentoML and TorchServe on the same ONNX file and the same PNG, interleaved."""
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "rivals"))
+    from run import start_bare, start_bentoml, start_torchserve, tree_cpu_seconds
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, "PNG")
+    png, key = buffer.getvalue(), secrets.token_urlsafe(8)
+    ours = start_h2t(home, key, free_port(), home / "h2t.log")
+    port = int(ours.args[ours.args.index("--port") + 1])
+    host = f"127.0.0.1:{port}"
+    servers = []  # (name, port, request, pid whose process tree serves it)
+    stoppers = [lambda: (ours.terminate(), ours.wait(timeout=20))]
+    try:
+        servers.append(("h2t predict", port, multipart_request(host, f"/v1/models/{model_id}/predict", key, png),
+                        ours.pid))
+        servers.append(("h2t OIP v2 infer (UINT8 binary)", port,
+                        oip_request(host, f"/v2/models/{model_id}/infer", key, pixels.transpose(2, 0, 1)), ours.pid))
+        for start in (lambda: [start_bare(onnx, free_port(), home)],
+                      lambda: [start_bentoml(cache, onnx, free_port(), home)],
+                      lambda: start_torchserve(cache, onnx, (free_port(), free_port(), free_port()), home)):
+            started = start()
+            stoppers.append(started[0].stop)
+            for server in started:
+                servers.append((server.name, server.port, multipart_request(
+                    f"127.0.0.1:{server.port}", server.path, None, png, server.field), server.process.pid))
+        rates: dict[tuple[str, int], list[float]] = {}
+        latencies: dict[tuple[str, int], list[float]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}
+        for _ in range(rounds):  # interleaved: drift of this noisy machine hits every server alike
+            for concurrency in concurrencies:
+                for name, server_port, request, pid in servers:
+                    before = tree_cpu_seconds(pid)
+                    # bounded: a server that stops answering fails the benchmark rather than hanging it
+                    rate, lat = asyncio.run(asyncio.wait_for(load(server_port, request, concurrency, requests),
+                                                             timeout=120 + requests))
+                    cpu.setdefault((name, concurrency), []).append(
+                        (tree_cpu_seconds(pid) - before) / (len(lat) + 2 * concurrency))  # warm-up included
+                    rates.setdefault((name, concurrency), []).append(rate)
+                    latencies.setdefault((name, concurrency), []).extend(lat)
+    finally:
+        for stop in reversed(stoppers):
+            stop()
+
+    def pct(values: list[float], q: int) -> float:
+        return 1000 * statistics.quantiles(values, n=100)[q - 1]
+
+    rows = ["| concurrency | server | requests/s (median of rounds) | p50 ms | p99 ms | server CPU ms per request | "
+            "vs best other tool |", "|---|---|---|---|---|---|---|"]
+    for concurrency in concurrencies:
+        others = [statistics.median(rates[(name, concurrency)]) for name, *_ in servers
+                  if not name.startswith(("h2t", "bare"))]
+        for name, *_ in servers:
+            rate, lat = statistics.median(rates[(name, concurrency)]), latencies[(name, concurrency)]
+            versus = f"{rate / max(others):.2f}x" if name.startswith("h2t") and others else ""
+            rows.append(f"| {concurrency} | {name} | {rate:,.0f} | {pct(lat, 50):.1f} | {pct(lat, 99):.1f} | "
+                        f"{1000 * statistics.median(cpu[(name, concurrency)]):.2f} | {versus} |")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=800, help="requests per concurrency point and round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rivals", action="store_true", help="only the comparison with the bare FastAPI endpoint, "
+                        "BentoML and TorchServe (installed into venvs under --rivals-cache on first use; TorchServe "
+                        "needs Java 17)")
+    parser.add_argument("--rivals-cache", type=Path, default=Path.home() / ".cache" / "h2t-bench")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="h2t-serving-bench-") as tmp:
         home = Path(tmp)
         model, spec, result = make_model(home)
         print(f"ResNet-32, {NUM_CLASSES} classes, {SIZE}x{SIZE}; CPU threads: torch {torch.get_num_threads()}, "
               f"onnxruntime default; {os.cpu_count()} cores\n")
-        print("\n".join(engine_table(model, result.path, max(args.rounds, 5))))
         model_id = register(home, result, spec)
+        if args.rivals:
+            print(f"One {SIZE}x{SIZE} PNG per request (the OIP row: the same image as a UINT8 tensor), "
+                  f"{args.requests} requests per point and round, {args.rounds} interleaved rounds, keep-alive "
+                  "clients on 127.0.0.1; every server runs the same ONNX file through onnxruntime on the CPU:\n")
+            print("\n".join(rivals_table(home, model_id, result.path, args.rivals_cache, args.concurrency,
+                                          args.requests, args.rounds)))
+            return 0
+        print("\n".join(engine_table(model, result.path, max(args.rounds, 5))))
         print(f"\nHTTP predict, one {SIZE}x{SIZE} PNG per request, {args.requests} requests per point and round, "
               f"{args.rounds} rounds, one uvicorn process per setting, keep-alive clients on 127.0.0.1:\n")
         print("\n".join(http_table(home, model_id, args.concurrency, args.requests, args.rounds)))
