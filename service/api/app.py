@@ -122,7 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.metrics = metrics = Metrics(settings, app.state.celery)
     app.state.models = ModelCache(settings.model_cache_size, settings.predict_batching, settings.predict_max_batch,
-                                  settings.predict_max_wait_ms / 1000, on_batch=metrics.predict_batch_size.observe)
+                                  settings.predict_max_wait_ms / 1000, on_batch=metrics.predict_batch_size.observe,
+                                  max_image_pixels=settings.max_image_pixels)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(datasets_router)

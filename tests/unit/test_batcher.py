@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from service.api.models_api.runtime import Batcher
+from service.api.models_api.runtime import Batcher, ImageRefused
 
 
 def _slow_double(images: np.ndarray) -> np.ndarray:
@@ -15,10 +15,17 @@ def _slow_double(images: np.ndarray) -> np.ndarray:
     return images * 2
 
 
+def _decode_digit(data: bytes) -> np.ndarray:
+    """A stand-in decoder: b"7" -> [7.0, 7.0, 7.0]; anything else is not an image."""
+    if not data.isdigit():
+        raise ValueError("not a readable image")
+    return np.full(3, float(data))
+
+
 def test_closing_a_batcher_answers_every_request_already_queued_and_later_ones_alone():
     async def scenario() -> tuple[list[np.ndarray], np.ndarray, list[int]]:
         sizes: list[int] = []
-        batcher = Batcher(_slow_double, max_images=2, max_wait_s=0.0, on_batch=sizes.append)
+        batcher = Batcher(_slow_double, _decode_digit, max_images=2, max_wait_s=0.0, on_batch=sizes.append)
         requests = [asyncio.create_task(batcher.submit(np.full((1, 3), float(i)))) for i in range(5)]
         await asyncio.sleep(0.01)  # the first batch is being inferred, the rest are queued
         await asyncio.wait_for(batcher.close(), 5)
@@ -30,3 +37,18 @@ def test_closing_a_batcher_answers_every_request_already_queued_and_later_ones_a
     assert [a.tolist() for a in answers] == [[[2.0 * i] * 3] for i in range(5)]
     assert late.tolist() == [[18.0] * 3]
     assert sum(sizes) == 5 and max(sizes) <= 2  # all five went through batches of at most two
+
+
+def test_encoded_requests_are_decoded_with_the_batch_and_a_bad_image_fails_only_its_request():
+    async def scenario() -> list:
+        sizes: list[int] = []
+        batcher = Batcher(_slow_double, _decode_digit, max_images=16, max_wait_s=0.05, on_batch=sizes.append)
+        answers = await asyncio.gather(batcher.submit([b"1", b"2"]), batcher.submit([b"3", b"oops"]),
+                                       batcher.submit(np.full((1, 3), 5.0)), return_exceptions=True)
+        await batcher.close()
+        return [*answers, sizes]
+
+    good, bad, decoded, sizes = asyncio.run(scenario())
+    assert good.tolist() == [[2.0] * 3, [4.0] * 3] and decoded.tolist() == [[10.0] * 3]
+    assert isinstance(bad, ImageRefused) and str(bad) == "image 1: not a readable image"
+    assert sizes == [5]  # one call decoded and inferred all three requests

@@ -141,7 +141,9 @@ def test_batcher_combines_concurrent_requests_and_answers_each_exactly(digits, t
 
     async def scenario():
         batcher = Batcher(
-            lambda x: run_probabilities(session, x), max_images=64, max_wait_s=0.05, on_batch=sizes.append
+            lambda x: run_probabilities(session, x), lambda data: decode_image(data, 16, 10**6), max_images=64,
+            max_wait_s=0.05,
+            on_batch=sizes.append
         )
         answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
         await batcher.close()
@@ -160,7 +162,7 @@ def test_batcher_passes_an_inference_error_to_every_waiting_request():
         raise RuntimeError("inference failed")
 
     async def scenario():
-        batcher = Batcher(broken, max_images=8, max_wait_s=0.01)
+        batcher = Batcher(broken, lambda data: np.zeros((3, 2, 2), np.float32), max_images=8, max_wait_s=0.01)
         results = await asyncio.gather(
             *(batcher.submit(np.zeros((1, 3, 2, 2), np.float32)) for _ in range(3)), return_exceptions=True
         )

@@ -1,9 +1,11 @@
 """Loaded models for serving: a bounded cache of onnxruntime sessions, each with a micro-batcher
-that combines concurrent requests into one inference call with a bounded wait."""
+that combines concurrent requests into one call, off the event loop, that decodes every encoded image of
+the batch and runs one inference: one thread hop per batch, not two per request."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -13,26 +15,76 @@ from pathlib import Path
 import numpy as np
 
 from models.contract.layout import ArtifactLayout
-from models.contract.onnx_model import ModelSpec, load_session, run_probabilities, session_spec, sha256_file
+from models.contract.onnx_model import (
+    ModelSpec,
+    decode_image,
+    load_session,
+    run_probabilities,
+    session_spec,
+    sha256_file,
+)
 from service.api.models_api.service import Resolved, ServingRecord
 from service.store.errors import ResourceConflict
 
 
+class ImageRefused(ValueError):
+    """An image of a request could not be decoded: that request alone fails (with a 422)."""
+
+
 @dataclass
 class _Pending:
-    images: np.ndarray
+    work: np.ndarray | list[bytes]  # decoded images (N x 3 x S x S), or encoded image files to decode
     future: asyncio.Future
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+
+def _run_batch(batch: list[_Pending], decode: Callable[[bytes], np.ndarray],
+               infer: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray | Exception]:
+    """Decode what is encoded and run one inference over every request of the batch, in a worker thread; a
+    request whose image does not decode gets its error, the others their probabilities."""
+    arrays: list[np.ndarray | Exception] = []
+    for pending in batch:
+        if isinstance(pending.work, np.ndarray):
+            arrays.append(pending.work)
+            continue
+        try:
+            arrays.append(np.stack([_decoded(decode, data, i) for i, data in enumerate(pending.work)]))
+        except ImageRefused as exc:
+            arrays.append(exc)
+    good = [a for a in arrays if isinstance(a, np.ndarray)]
+    if not good:
+        return arrays
+    probs = infer(np.concatenate(good))
+    results, start = [], 0
+    for array in arrays:
+        if isinstance(array, Exception):
+            results.append(array)
+            continue
+        results.append(probs[start:start + len(array)])
+        start += len(array)
+    return results
+
+
+def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, index: int) -> np.ndarray:
+    try:
+        return decode(data)
+    except ValueError as exc:
+        raise ImageRefused(f"image {index}: {exc}") from exc
 
 
 @dataclass
 class Batcher:
-    """Concurrent `submit`s are answered by one call of `infer` on their concatenated images.
+    """Concurrent `submit`s are answered by one call, in a worker thread, that decodes the encoded images of
+    all of them and runs `infer` once on the lot.
 
     After the first request arrives, it takes whatever else is queued, then waits at most
     `max_wait_s` for more until `max_images` are collected; requests never split.
     """
 
     infer: Callable[[np.ndarray], np.ndarray]
+    decode: Callable[[bytes], np.ndarray]  # one encoded image -> the model's 3 x S x S float32 input
     max_images: int
     max_wait_s: float
     on_batch: Callable[[int], None] = lambda size: None
@@ -40,13 +92,17 @@ class Batcher:
     _task: asyncio.Task | None = None
     _closed: bool = False
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
+    async def submit(self, work: np.ndarray | list[bytes]) -> np.ndarray:
+        """Probabilities for decoded images, or for encoded image files (ImageRefused if one does not decode)."""
         if self._closed:  # evicted while this request held the model: answer it alone
-            return await asyncio.to_thread(self.infer, images)
+            (result,) = await asyncio.to_thread(_run_batch, [_Pending(work, None)], self.decode, self.infer)
+            if isinstance(result, Exception):
+                raise result
+            return result
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(images, future))
+        await self._queue.put(_Pending(work, future))
         return await future
 
     async def _collect(self) -> tuple[list[_Pending], bool]:
@@ -55,7 +111,7 @@ class Batcher:
         if first is None:
             return [], True
         batch = [first]
-        count = len(first.images)
+        count = len(first)
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
         while count < self.max_images:
             try:
@@ -71,7 +127,7 @@ class Batcher:
             if item is None:
                 return batch, True
             batch.append(item)
-            count += len(item.images)
+            count += len(item)
         return batch, False
 
     async def _serve(self) -> None:
@@ -80,21 +136,21 @@ class Batcher:
             batch, stop = await self._collect()
             if not batch:
                 continue
-            images = np.concatenate([p.images for p in batch])
-            self.on_batch(len(images))
+            self.on_batch(sum(len(p) for p in batch))
             try:
-                probs = await asyncio.to_thread(self.infer, images)
+                results = await asyncio.to_thread(_run_batch, batch, self.decode, self.infer)
             except Exception as exc:  # every waiting request gets the error
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
-            start = 0
-            for pending in batch:
-                end = start + len(pending.images)
-                if not pending.future.done():
-                    pending.future.set_result(probs[start:end])
-                start = end
+            for pending, result in zip(batch, results, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
 
     async def close(self) -> None:
         """Take no more requests; every request already queued is still answered (none hangs)."""
@@ -110,11 +166,18 @@ class LoadedModel:
     spec: ModelSpec
     session: object
     batcher: Batcher | None
+    decode: Callable[[bytes], np.ndarray]
 
-    async def probabilities(self, images: np.ndarray) -> np.ndarray:
+    async def probabilities(self, work: np.ndarray | list[bytes]) -> np.ndarray:
+        """For decoded images (N x 3 x S x S float32) or encoded image files, decoded off the event loop with
+        the inference (ImageRefused names the first image that does not decode)."""
         if self.batcher is not None:
-            return await self.batcher.submit(images)
-        return await asyncio.to_thread(run_probabilities, self.session, images)
+            return await self.batcher.submit(work)
+        (result,) = await asyncio.to_thread(_run_batch, [_Pending(work, None)], self.decode,
+                                            lambda x: run_probabilities(self.session, x, batch_size=max(len(x), 1)))
+        if isinstance(result, Exception):
+            raise result
+        return result
 
 
 RESOLVE_TTL_S = 2.0  # how long a name, name@version or name@alias keeps resolving to the same model here
@@ -131,6 +194,7 @@ class ModelCache:
     max_batch_images: int
     max_wait_s: float
     on_batch: Callable[[int], None] = lambda size: None
+    max_image_pixels: int = 4096 * 4096  # an encoded image larger than this is refused before it is decoded
     _models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _loop: asyncio.AbstractEventLoop | None = None  # the loop serving the models, once one was loaded
@@ -179,9 +243,12 @@ class ModelCache:
                 return self._models[model_id]
             record = await asyncio.to_thread(lookup, model_id)
             session = await asyncio.to_thread(self._load, artifacts.resolve(record.onnx_path), record.sha256)
-            batcher = Batcher(lambda x: run_probabilities(session, x, batch_size=max(len(x), 1)),
+            spec = session_spec(session)
+            decode = functools.partial(decode_image, image_size=spec.image_size, max_pixels=self.max_image_pixels,
+                                       fit=spec.fit)
+            batcher = Batcher(lambda x: run_probabilities(session, x, batch_size=max(len(x), 1)), decode,
                               self.max_batch_images, self.max_wait_s, self.on_batch) if self.batching else None
-            loaded = LoadedModel(record, session_spec(session), session, batcher)
+            loaded = LoadedModel(record, spec, session, batcher, decode)
             self._models[model_id] = loaded
             while len(self._models) > self.capacity:
                 _, evicted = self._models.popitem(last=False)
