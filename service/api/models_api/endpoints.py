@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from models.contract.config import validation_sentence
-from service.api.auth import ApiKey
+from service.api.auth import KEY_SECURITY, ApiKey, require_key_inline
 from service.api.bodies import json_or_multipart_body, media_type, parse_form_fields, parse_json
 from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.errors import problems
@@ -32,6 +32,9 @@ from service.store.db import session_scope
 from service.store.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problems(401, 422, 503))
+# predict alone, included before every other router: a request is matched against the routes in order, so the
+# hot path is found first rather than after some thirty others
+predict_router = APIRouter(prefix="/v1/models", tags=["models"], responses=problems(401, 422, 503))
 
 _IMAGES_FIELD = "images"
 _PREDICT_BODY = json_or_multipart_body(PredictJSON, PredictOptions, {
@@ -170,11 +173,13 @@ def _decode_base64(texts: list[str]) -> list[bytes]:
     return blobs
 
 
-@router.post("/{model_ref}/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY,
+@predict_router.post("/{model_ref}/predict", response_model=PredictResponse,
+                     openapi_extra={**_PREDICT_BODY, **KEY_SECURITY},
              responses=problems(400, 404, 409, 413, 415), description=REF_HELP,
              summary="Top-k classes per image, with the predicted class's group and that group's calibration")
-async def predict(model_ref: str, request: Request, _: ApiKey) -> JSONResponse:
+async def predict(model_ref: str, request: Request) -> JSONResponse:
     # the hot path: a cached model needs no database session; the response is built as plain JSON
+    require_key_inline(request)
     settings = request.app.state.settings
 
     def resolve() -> service.Resolved:

@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
-from service.api.auth import ApiKey
+from service.api.auth import KEY_SECURITY, ApiKey, require_key_inline
 from service.api.errors import problems
 from service.api.models_api import service
 from service.api.models_api.runtime import LoadedModel
@@ -38,6 +38,8 @@ from service.store.errors import InvalidInput, ServiceUnavailable
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"],
                    responses=problems(400, 401, 404, 409, 413, 422, 503))
+infer_router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"],  # included first, as predict is
+                         responses=problems(400, 401, 404, 409, 413, 422, 503))
 
 SERVER_NAME = "h2t"
 EXTENSIONS = ["binary_tensor_data"]
@@ -180,12 +182,15 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return Response(answer, headers=headers)
 
 
-@router.post("/models/{name}/infer", summary="Inference on the latest version (JSON or binary tensors)",
-             response_class=Response)
-async def infer(name: str, request: Request, _: ApiKey) -> Response:
+@infer_router.post("/models/{name}/infer", summary="Inference on the latest version (JSON or binary tensors)",
+                   response_class=Response, openapi_extra=KEY_SECURITY)
+async def infer(name: str, request: Request) -> Response:
+    require_key_inline(request)
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", response_class=Response)
-async def infer_version(name: str, version: str, request: Request, _: ApiKey) -> Response:
+@infer_router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version",
+                   response_class=Response, openapi_extra=KEY_SECURITY)
+async def infer_version(name: str, version: str, request: Request) -> Response:
+    require_key_inline(request)
     return await _infer(request, name, version)
