@@ -196,11 +196,28 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from service.api.app import create_app
     from service.store.logs import configure_logging
+    from service.store.settings import Settings
 
     configure_logging(args.log_level)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level.lower(),
-                log_config=None, timeout_graceful_shutdown=10)
+    processes = args.processes or Settings().api_processes
+    if processes == 1:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                    log_config=None, timeout_graceful_shutdown=10)
+        return 0
+    # several processes on one port: uvicorn imports the app factory in each (each logs as configured here)
+    os.environ["H2T_SERVE_LOG_LEVEL"] = args.log_level
+    uvicorn.run("h2t.cli:serving_app", factory=True, workers=processes, host=args.host, port=args.port,
+                log_level=args.log_level.lower(), log_config=None, timeout_graceful_shutdown=10)
     return 0
+
+
+def serving_app():
+    """The API of one of several `h2t serve` processes."""
+    from service.api.app import create_app
+    from service.store.logs import configure_logging
+
+    configure_logging(os.environ.get("H2T_SERVE_LOG_LEVEL", "INFO"))
+    return create_app()
 
 
 def worker_command(args: argparse.Namespace) -> int:
@@ -241,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--processes", type=int, help="API processes sharing the port (default: $H2T_API_PROCESSES, "
+                       "else 1); each keeps its own model cache")
     serve.set_defaults(func=serve_command)
 
     worker = commands.add_parser("worker", help="run one Celery training worker (one per GPU)")

@@ -51,7 +51,10 @@ class Settings(BaseSettings):
     predict_max_batch: int = Field(64, gt=0, description="images per combined inference")
     predict_max_wait_ms: float = Field(
         0.0, ge=0, description="extra wait for requests to join a batch; 0 takes what queued while the last one ran")
-    model_cache_size: int = Field(4, gt=0, description="onnxruntime sessions kept loaded")
+    model_cache_size: int = Field(4, gt=0, description="onnxruntime sessions kept loaded (per API process)")
+    api_processes: int = Field(1, ge=1, le=64, description="processes `h2t serve` runs the API in, sharing its port: "
+                               "one per core the host can give to serving; each keeps its own model cache and "
+                               "request batcher")
 
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a training worker proves it is alive")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="a running run silent this long is requeued")

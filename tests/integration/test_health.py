@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import os
 import re
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.store.orm import RunStatus
 from tests.helpers import create_tiny_dataset, metric_sample, submit_run
+from tests.integration.conftest import api_server
 
 pytestmark = pytest.mark.integration
 RUN_STATUSES = tuple(RunStatus)  # each an h2t_runs label
@@ -67,3 +70,33 @@ def test_the_dashboard_and_the_docs_load_nothing_from_elsewhere(client):
         assert "http://" not in html and "https://" not in html
         for asset in re.findall(r'(?:src|href)="(/[^"]+)"', html):
             assert client.get(asset).status_code == 200, asset
+
+
+def test_the_api_runs_in_several_processes_on_one_port(settings, tmp_path):
+    with api_server(settings, tmp_path / "api.log", H2T_API_PROCESSES="2") as base_url:
+        with httpx.Client(base_url=base_url, headers={"X-API-Key": settings.api_keys[0]}) as http:
+            for _ in range(20):  # new connections: the kernel spreads them over the processes
+                assert httpx.get(f"{base_url}/healthz").status_code == 200
+            dataset = http.post("/v1/datasets", json={"builtin": "digits", "imbalance_factor": 0.05})
+            assert dataset.status_code == 201
+            assert http.get(f"/v1/datasets/{dataset.json()['id']}").status_code == 200  # one store for all
+        server = next(p for p in _children(os.getpid()) if b"serve" in _cmdline(p))
+        assert len(_children(server)) >= 2, "uvicorn did not start two API processes"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
