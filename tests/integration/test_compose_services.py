@@ -129,7 +129,7 @@ def test_compose_commands_run_outside_docker_complete_a_run_and_move_the_metrics
         # the request's two images went through onnxruntime together, in one call
         assert metric_sample(after_predict, "h2t_predict_batch_size_count") == 1
         assert metric_sample(after_predict, "h2t_predict_batch_size_sum") == 2
-        predict_route = 'route="/v1/models/{model_id}/predict",status="200"'
+        predict_route = 'route="/v1/models/{model_ref}/predict",status="200"'
         assert predict_route in after_predict
         # structured logs with run ids
         worker_log = (tmp_path / "worker.log").read_text()

@@ -48,7 +48,7 @@ def test_the_openapi_bodies_carry_the_limits_of_the_models(client):
     upload = paths["/v1/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert (upload["properties"]["image_size"]["minimum"], upload["properties"]["image_size"]["maximum"]) == (8, 512)
     assert upload["required"] == ["archive"]
-    predict = paths["/v1/models/{model_id}/predict"]["post"]["requestBody"]["content"]
+    predict = paths["/v1/models/{model_ref}/predict"]["post"]["requestBody"]["content"]
     for media in ("application/json", "multipart/form-data"):
         top_k = predict[media]["schema"]["properties"]["top_k"]
         assert (top_k["minimum"], top_k["maximum"]) == (1, 1000)
