@@ -18,7 +18,7 @@ from service.api.bodies import json_or_multipart_body, media_type, parse_form_fi
 from service.api.deps import PageDep, SessionDep, SettingsDep
 from service.api.errors import problems
 from service.api.models_api import service
-from service.api.models_api.runtime import ImageRefused
+from service.api.models_api.runtime import ImageRefused, LoadedModel
 from service.api.models_api.schemas import (
     CalibrationPublic,
     ImportManifest,
@@ -173,13 +173,9 @@ def _decode_base64(texts: list[str]) -> list[bytes]:
     return blobs
 
 
-@predict_router.post("/{model_ref}/predict", response_model=PredictResponse,
-                     openapi_extra={**_PREDICT_BODY, **KEY_SECURITY},
-             responses=problems(400, 404, 409, 413, 415), description=REF_HELP,
-             summary="Top-k classes per image, with the predicted class's group and that group's calibration")
-async def predict(model_ref: str, request: Request) -> JSONResponse:
-    # the hot path: a cached model needs no database session; the response is built as plain JSON
-    require_key_inline(request)
+async def loaded_model(request: Request, model_ref: str) -> tuple[service.Resolved, LoadedModel]:
+    """The model a reference names, loaded: the hot path of predict and of OIP infer. A loaded model named by
+    its id needs no database; names and aliases are resolved through the cache's short memory."""
     settings = request.app.state.settings
 
     def resolve() -> service.Resolved:
@@ -190,8 +186,20 @@ async def predict(model_ref: str, request: Request) -> JSONResponse:
         with session_scope(settings.database_url) as session:
             return service.serving_record(session, key)
 
-    model_id = (await request.app.state.models.resolve(model_ref, resolve)).model_id
-    loaded = await request.app.state.models.get(model_id, lookup, settings.artifacts)
+    resolved = await request.app.state.models.resolve(model_ref, resolve)
+    return resolved, await request.app.state.models.get(resolved.model_id, lookup, settings.artifacts)
+
+
+@predict_router.post("/{model_ref}/predict", response_model=PredictResponse,
+                     openapi_extra={**_PREDICT_BODY, **KEY_SECURITY},
+             responses=problems(400, 404, 409, 413, 415), description=REF_HELP,
+             summary="Top-k classes per image, with the predicted class's group and that group's calibration")
+async def predict(model_ref: str, request: Request) -> JSONResponse:
+    # the hot path: a cached model needs no database session; the response is built as plain JSON
+    require_key_inline(request)
+    settings = request.app.state.settings
+    resolved, loaded = await loaded_model(request, model_ref)
+    model_id = resolved.model_id
     blobs, top_k = await _read_images(request, settings)
     try:  # decoded with the inference, off the event loop: one thread hop for the whole batch
         probs = await loaded.probabilities(blobs)

@@ -67,6 +67,15 @@ def _run_batch(batch: list[_Pending], decode: Callable[[bytes], np.ndarray],
     return results
 
 
+async def _run_alone(work: np.ndarray | list[bytes], decode: Callable[[bytes], np.ndarray],
+                     infer: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """One request's probabilities, decoded and inferred in a worker thread without a batcher."""
+    (result,) = await asyncio.to_thread(_run_batch, [_Pending(work, None)], decode, infer)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
 def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, index: int) -> np.ndarray:
     try:
         return decode(data)
@@ -95,10 +104,7 @@ class Batcher:
     async def submit(self, work: np.ndarray | list[bytes]) -> np.ndarray:
         """Probabilities for decoded images, or for encoded image files (ImageRefused if one does not decode)."""
         if self._closed:  # evicted while this request held the model: answer it alone
-            (result,) = await asyncio.to_thread(_run_batch, [_Pending(work, None)], self.decode, self.infer)
-            if isinstance(result, Exception):
-                raise result
-            return result
+            return await _run_alone(work, self.decode, self.infer)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
@@ -167,17 +173,14 @@ class LoadedModel:
     session: object
     batcher: Batcher | None
     decode: Callable[[bytes], np.ndarray]
+    infer: Callable[[np.ndarray], np.ndarray]  # one call of the session on a whole batch
 
     async def probabilities(self, work: np.ndarray | list[bytes]) -> np.ndarray:
         """For decoded images (N x 3 x S x S float32) or encoded image files, decoded off the event loop with
         the inference (ImageRefused names the first image that does not decode)."""
         if self.batcher is not None:
             return await self.batcher.submit(work)
-        (result,) = await asyncio.to_thread(_run_batch, [_Pending(work, None)], self.decode,
-                                            lambda x: run_probabilities(self.session, x, batch_size=max(len(x), 1)))
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return await _run_alone(work, self.decode, self.infer)
 
 
 RESOLVE_TTL_S = 2.0  # how long a name, name@version or name@alias keeps resolving to the same model here
@@ -246,9 +249,12 @@ class ModelCache:
             spec = session_spec(session)
             decode = functools.partial(decode_image, image_size=spec.image_size, max_pixels=self.max_image_pixels,
                                        fit=spec.fit)
-            batcher = Batcher(lambda x: run_probabilities(session, x, batch_size=max(len(x), 1)), decode,
-                              self.max_batch_images, self.max_wait_s, self.on_batch) if self.batching else None
-            loaded = LoadedModel(record, spec, session, batcher, decode)
+            def infer(images: np.ndarray) -> np.ndarray:
+                return run_probabilities(session, images, batch_size=max(len(images), 1))
+
+            batcher = Batcher(infer, decode, self.max_batch_images, self.max_wait_s,
+                              self.on_batch) if self.batching else None
+            loaded = LoadedModel(record, spec, session, batcher, decode, infer)
             self._models[model_id] = loaded
             while len(self._models) > self.capacity:
                 _, evicted = self._models.popitem(last=False)

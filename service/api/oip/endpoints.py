@@ -24,6 +24,7 @@ from sqlalchemy import text
 from service.api.auth import KEY_SECURITY, ApiKey, require_key_inline
 from service.api.errors import problems
 from service.api.models_api import service
+from service.api.models_api.endpoints import loaded_model
 from service.api.models_api.runtime import LoadedModel
 from service.api.oip.codec import (
     HEADER_LENGTH,
@@ -66,11 +67,6 @@ def ready(request: Request) -> dict:
     return {}
 
 
-def _resolve(request: Request, name: str, version: str | None) -> service.Resolved:
-    with session_scope(request.app.state.settings.database_url) as session:
-        return service.resolve_reference(session, name, version)
-
-
 def _metadata(request: Request, name: str, version: str | None) -> dict:
     with session_scope(request.app.state.settings.database_url) as session:
         resolved = service.resolve_reference(session, name, version)
@@ -101,15 +97,7 @@ def version_metadata(name: str, version: str, request: Request, _: ApiKey) -> di
 
 
 async def _loaded(request: Request, name: str, version: str | None) -> tuple[service.Resolved, LoadedModel]:
-    settings = request.app.state.settings
-    resolved = await request.app.state.models.resolve(
-        name if version is None else f"{name}@{version}", lambda: _resolve(request, name, version))
-
-    def lookup(key: str) -> service.ServingRecord:
-        with session_scope(settings.database_url) as session:
-            return service.serving_record(session, key)
-
-    return resolved, await request.app.state.models.get(resolved.model_id, lookup, settings.artifacts)
+    return await loaded_model(request, name if version is None else f"{name}@{version}")
 
 
 @router.get("/models/{name}/ready", summary="The model can be served (its file is present and intact)")
