@@ -15,11 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.datasets.endpoints import router as datasets_router
 from service.api.errors import install_error_handlers, problem
 from service.api.health import router as health_router
-from service.api.models_api.endpoints import predict_router
+from service.api.models_api.endpoints import predict_route, predict_router
 from service.api.models_api.endpoints import router as models_router
 from service.api.models_api.runtime import ModelCache
 from service.api.observability import Metrics, RequestTimer
-from service.api.oip.endpoints import infer_router
+from service.api.oip.endpoints import infer_router, infer_routes
 from service.api.oip.endpoints import router as oip_router
 from service.api.registry.endpoints import router as registry_router
 from service.api.runs.endpoints import router as runs_router
@@ -127,7 +127,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   settings.predict_max_wait_ms / 1000, on_batch=metrics.predict_batch_size.observe,
                                   max_image_pixels=settings.max_image_pixels)
     install_error_handlers(app)
-    app.include_router(predict_router)  # the hot paths first: routes are matched in order
+    # the hot paths first, as plain routes: routes are matched in order, and these skip FastAPI's parameter
+    # solving; their FastAPI twins after them document them in the OpenAPI schema
+    app.router.routes.extend([predict_route, *infer_routes])
+    app.include_router(predict_router)
     app.include_router(infer_router)
     app.include_router(health_router)
     app.include_router(datasets_router)

@@ -134,6 +134,8 @@ def test_predict_answers_match_the_onnx_model_run_directly(api, served, digits, 
         f"/v1/models/{model_id}/predict", json={"images": [base64.b64encode(p).decode() for p in pngs], "top_k": 3}
     )
     assert as_json.json() == response.json()
+    timed = 'h2t_http_request_duration_seconds_count{method="POST",route="/v1/models/{model_ref}/predict",status="200"}'
+    assert f"{timed} 2.0" in api.get("/metrics").text  # timed by its route's template, never its raw path
 
 
 def test_batched_and_unbatched_answers_are_identical(served, digits):

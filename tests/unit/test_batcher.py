@@ -1,13 +1,15 @@
-"""The predict micro-batcher: closing it (a model evicted from the cache) answers every queued request."""
+"""The predict micro-batcher: closing it (a model evicted from the cache) answers every queued request; lone
+requests to a cheap model skip the thread hop."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
 
-from service.api.models_api.runtime import Batcher, ImageRefused
+from service.api.models_api.runtime import INLINE_BUDGET_S, Batcher, ImageRefused
 
 
 def _slow_double(images: np.ndarray) -> np.ndarray:
@@ -52,3 +54,47 @@ def test_encoded_requests_are_decoded_with_the_batch_and_a_bad_image_fails_only_
     assert good.tolist() == [[2.0] * 3, [4.0] * 3] and decoded.tolist() == [[10.0] * 3]
     assert isinstance(bad, ImageRefused) and str(bad) == "image 1: not a readable image"
     assert sizes == [5]  # one call decoded and inferred all three requests
+
+
+def _recording_double(threads: list[int]):
+    def infer(images: np.ndarray) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return images * 2
+    return infer
+
+
+def test_a_lone_request_to_a_cheap_model_is_answered_on_the_event_loop_and_concurrent_ones_in_a_batch():
+    async def scenario() -> tuple[list[int], list[int], int]:
+        threads: list[int] = []
+        sizes: list[int] = []
+        batcher = Batcher(_recording_double(threads), _decode_digit, max_images=16, max_wait_s=0.0,
+                          on_batch=sizes.append)
+        for i in range(3):  # one at a time: the first is measured in a worker thread, the next run inline
+            assert (await batcher.submit([str(i).encode()])).tolist() == [[2.0 * i] * 3]
+        together = await asyncio.gather(*(batcher.submit([b"4"]) for _ in range(4)))
+        assert all(a.tolist() == [[8.0] * 3] for a in together)
+        await batcher.close()
+        return threads, sizes, threading.get_ident()
+
+    threads, sizes, loop_thread = asyncio.run(scenario())
+    assert threads[0] != loop_thread and threads[1:3] == [loop_thread, loop_thread]
+    assert threads[3] != loop_thread and sizes == [1, 1, 1, 4]  # the four concurrent ones: one call, in a thread
+
+
+def test_a_model_slower_than_the_inline_budget_never_runs_on_the_event_loop():
+    async def scenario() -> tuple[list[int], int]:
+        threads: list[int] = []
+        record = _recording_double(threads)
+
+        def slow(images: np.ndarray) -> np.ndarray:
+            time.sleep(INLINE_BUDGET_S * 2)
+            return record(images)
+
+        batcher = Batcher(slow, _decode_digit, max_images=16, max_wait_s=0.0)
+        for _ in range(3):
+            await batcher.submit([b"1"])
+        await batcher.close()
+        return threads, threading.get_ident()
+
+    threads, loop_thread = asyncio.run(scenario())
+    assert len(threads) == 3 and loop_thread not in threads

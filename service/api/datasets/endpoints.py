@@ -78,19 +78,19 @@ async def create_dataset(request: Request, response: Response, session: SessionD
             await asyncio.to_thread(_start_scan, request, session, settings, row.id)
             response.status_code = status.HTTP_202_ACCEPTED
     elif content_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=10)
-        archive = form.get(_ARCHIVE_FIELD)
-        if not isinstance(archive, UploadFile):
-            raise InvalidInput(f"multipart body needs a file field named {_ARCHIVE_FIELD!r}")
-        fields = parse_form_fields(form, ArchiveDatasetForm, (_ARCHIVE_FIELD,))
-        default_name = Path(archive.filename or "upload").name.split(".")[0][:NAME_LENGTH]
-        settings.artifacts.uploads.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=settings.artifacts.uploads) as tmp:
-            upload_path = Path(tmp) / "upload"
-            await _spool_upload(archive, upload_path, settings.max_upload_bytes)
-            # checking and decoding every member is seconds of CPU: off the event loop, so other requests go on
-            row = await asyncio.to_thread(service.create_from_archive, session, settings, upload_path, fields,
-                                          default_name)
+        async with request.form(max_files=1, max_fields=10) as form:  # closed on the way out: its spooled file
+            archive = form.get(_ARCHIVE_FIELD)
+            if not isinstance(archive, UploadFile):
+                raise InvalidInput(f"multipart body needs a file field named {_ARCHIVE_FIELD!r}")
+            fields = parse_form_fields(form, ArchiveDatasetForm, (_ARCHIVE_FIELD,))
+            default_name = Path(archive.filename or "upload").name.split(".")[0][:NAME_LENGTH]
+            settings.artifacts.uploads.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=settings.artifacts.uploads) as tmp:
+                upload_path = Path(tmp) / "upload"
+                await _spool_upload(archive, upload_path, settings.max_upload_bytes)
+                # checking and decoding every member is seconds of CPU: off the event loop, so other requests go on
+                row = await asyncio.to_thread(service.create_from_archive, session, settings, upload_path, fields,
+                                              default_name)
         try:
             session.commit()
         except BaseException:

@@ -1,6 +1,8 @@
 """Loaded models for serving: a bounded cache of onnxruntime sessions, each with a micro-batcher
 that combines concurrent requests into one call, off the event loop, that decodes every encoded image of
-the batch and runs one inference: one thread hop per batch, not two per request."""
+the batch and runs one inference: one thread hop per batch, not two per request. A request that arrives
+alone, for a model measured to answer it within INLINE_BUDGET_S, is answered on the event loop itself:
+at low load the thread hop would cost more than the work."""
 
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ class _Pending:
 
     def __len__(self) -> int:
         return len(self.work)
+
+
+INLINE_BUDGET_S = 0.005  # the longest a request alone may hold the event loop for its decode and inference
+_COST_SMOOTHING = 0.2  # weight of the newest measurement in the running estimate of a lone request's cost
 
 
 def _run_batch(batch: list[_Pending], decode: Callable[[bytes], np.ndarray],
@@ -89,7 +95,9 @@ class Batcher:
     all of them and runs `infer` once on the lot.
 
     After the first request arrives, it takes whatever else is queued, then waits at most
-    `max_wait_s` for more until `max_images` are collected; requests never split.
+    `max_wait_s` for more until `max_images` are collected; requests never split. A request that finds
+    no other waiting and no batch running is answered on the event loop when its decode and inference,
+    as measured on earlier lone requests, take at most INLINE_BUDGET_S: then no thread hop, no queue.
     """
 
     infer: Callable[[np.ndarray], np.ndarray]
@@ -100,16 +108,53 @@ class Batcher:
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _task: asyncio.Task | None = None
     _closed: bool = False
+    _submitting: int = 0  # requests inside `submit`, not yet answered
+    _running: bool = False  # a batch is being answered in a worker thread
+    _alone_seconds_per_image: float | None = None  # running estimate, from batches that held one request
 
     async def submit(self, work: np.ndarray | list[bytes]) -> np.ndarray:
         """Probabilities for decoded images, or for encoded image files (ImageRefused if one does not decode)."""
         if self._closed:  # evicted while this request held the model: answer it alone
             return await _run_alone(work, self.decode, self.infer)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._serve())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(work, future))
-        return await future
+        self._submitting += 1
+        try:
+            await asyncio.sleep(0)  # requests already read on other connections reach here before we decide
+            if self._submitting == 1 and not self._running and self._queue.empty() and self._cheap(len(work)):
+                return self._answer_inline(work)
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._serve())
+            future = asyncio.get_running_loop().create_future()
+            await self._queue.put(_Pending(work, future))
+            return await future
+        finally:
+            self._submitting -= 1
+
+    def _cheap(self, images: int) -> bool:
+        estimate = self._alone_seconds_per_image
+        return estimate is not None and estimate * images <= INLINE_BUDGET_S
+
+    def _observe_alone(self, seconds: float, images: int) -> None:
+        per_image = seconds / max(images, 1)
+        estimate = self._alone_seconds_per_image
+        self._alone_seconds_per_image = per_image if estimate is None else (
+            estimate + _COST_SMOOTHING * (per_image - estimate))
+
+    def _answer_inline(self, work: np.ndarray | list[bytes]) -> np.ndarray:
+        self.on_batch(len(work))
+        started = time.perf_counter()
+        (result,) = _run_batch([_Pending(work, None)], self.decode, self.infer)
+        self._observe_alone(time.perf_counter() - started, len(work))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _run_timed(self, batch: list[_Pending]) -> list[np.ndarray | Exception]:
+        """_run_batch in the worker thread; a batch of one request also measures what answering one costs."""
+        started = time.perf_counter()
+        results = _run_batch(batch, self.decode, self.infer)
+        if len(batch) == 1:
+            self._observe_alone(time.perf_counter() - started, len(batch[0]))
+        return results
 
     async def _collect(self) -> tuple[list[_Pending], bool]:
         """The next batch, and whether `close` asked to stop after it."""
@@ -143,13 +188,16 @@ class Batcher:
             if not batch:
                 continue
             self.on_batch(sum(len(p) for p in batch))
+            self._running = True
             try:
-                results = await asyncio.to_thread(_run_batch, batch, self.decode, self.infer)
+                results = await asyncio.to_thread(self._run_timed, batch)
             except Exception as exc:  # every waiting request gets the error
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
+            finally:
+                self._running = False
             for pending, result in zip(batch, results, strict=True):
                 if pending.future.done():
                     continue

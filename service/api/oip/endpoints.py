@@ -26,6 +26,7 @@ from service.api.errors import problems
 from service.api.models_api import service
 from service.api.models_api.endpoints import loaded_model
 from service.api.models_api.runtime import LoadedModel
+from service.api.observability import TimedRoute
 from service.api.oip.codec import (
     HEADER_LENGTH,
     InferRequest,
@@ -39,7 +40,7 @@ from service.store.errors import InvalidInput, ServiceUnavailable
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"],
                    responses=problems(400, 401, 404, 409, 413, 422, 503))
-infer_router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"],  # included first, as predict is
+infer_router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"],  # for the schema (see infer_routes)
                          responses=problems(400, 401, 404, 409, 413, 422, 503))
 
 SERVER_NAME = "h2t"
@@ -182,3 +183,15 @@ async def infer(name: str, request: Request) -> Response:
 async def infer_version(name: str, version: str, request: Request) -> Response:
     require_key_inline(request)
     return await _infer(request, name, version)
+
+
+async def _infer_route(request: Request) -> Response:
+    require_key_inline(request)
+    return await _infer(request, request.path_params["name"], request.path_params.get("version"))
+
+
+# What serves infer: plain Starlette routes, without FastAPI's per-request solving of parameters; the FastAPI
+# routes above only document them in the OpenAPI schema (create_app puts these first; see predict_route).
+infer_routes = [TimedRoute("/v2/models/{name}/infer", _infer_route, methods=["POST"], include_in_schema=False),
+                TimedRoute("/v2/models/{name}/versions/{version}/infer", _infer_route, methods=["POST"],
+                      include_in_schema=False)]
