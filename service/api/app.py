@@ -124,7 +124,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.metrics = metrics = Metrics(settings, app.state.celery)
     app.state.models = ModelCache(settings.model_cache_size, settings.predict_batching, settings.predict_max_batch,
-                                  settings.predict_max_wait_ms / 1000, on_batch=metrics.predict_batch_size.observe,
+                                  None if settings.predict_max_wait_ms is None else settings.predict_max_wait_ms / 1000,
+                                  on_batch=metrics.predict_batch_size.observe,
                                   max_image_pixels=settings.max_image_pixels)
     install_error_handlers(app)
     # the hot paths first, as plain routes: routes are matched in order, and these skip FastAPI's parameter

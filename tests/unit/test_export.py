@@ -12,6 +12,7 @@ from models.contract.config import BuiltinDataset, RunConfig
 from models.contract.layout import RunFolder
 from models.contract.metrics import class_groups, evaluate_predictions
 from models.contract.onnx_model import (
+    BoundRunner,
     ModelSpec,
     decode_image,
     evaluate_onnx,
@@ -75,6 +76,20 @@ def test_export_records_the_preprocessing_contract_and_takes_any_batch_size(digi
     import hashlib
 
     assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
+
+
+def test_io_bound_runs_from_the_reused_host_buffer_equal_plain_session_runs(digits, trained, tmp_path):
+    """The GPU serving path (IO binding, a reused host buffer, chunks of the buffer's size) checked on the CPU
+    provider: the same probabilities as `session.run` for batches smaller than, equal to and larger than it."""
+    result = export_onnx(trained.model, _spec(digits, trained.groups), tmp_path / "m.onnx",
+                         digits.test.images.numpy()[:4])
+    session = load_session(result.path)
+    runner = BoundRunner(session, 16, max_images=8)
+    assert runner.device == "cpu" and not runner.pinned  # nothing to page-lock without a GPU
+    images = digits.test.images.numpy()[:21].astype(np.float32) / 255
+    for n in (1, 8, 21):
+        np.testing.assert_array_equal(runner(images[:n]), session.run(None, {"image": images[:n]})[0])
+    np.testing.assert_array_equal(runner(images[:3]), run_probabilities(session, images[:3]))  # buffer reused
 
 
 def test_calibration_of_the_served_artifact_matches_the_torch_model(digits, trained, tmp_path):

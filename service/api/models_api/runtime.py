@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +20,11 @@ import numpy as np
 
 from models.contract.layout import ArtifactLayout
 from models.contract.onnx_model import (
+    BoundRunner,
     ModelSpec,
     decode_image,
     load_session,
+    on_cuda,
     run_probabilities,
     session_spec,
     sha256_file,
@@ -47,18 +51,26 @@ _COST_SMOOTHING = 0.2  # weight of the newest measurement in the running estimat
 
 
 def _run_batch(batch: list[_Pending], decode: Callable[[bytes], np.ndarray],
-               infer: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray | Exception]:
-    """Decode what is encoded and run one inference over every request of the batch, in a worker thread; a
-    request whose image does not decode gets its error, the others their probabilities."""
+               infer: Callable[[np.ndarray], np.ndarray],
+               decode_pool: Executor | None = None) -> list[np.ndarray | Exception]:
+    """Decode what is encoded (over `decode_pool`'s threads where one is given) and run one inference over
+    every request of the batch, in a worker thread; a request whose image does not decode gets its error,
+    the others their probabilities."""
+    encoded = [(data, index) for pending in batch if not isinstance(pending.work, np.ndarray)
+               for index, data in enumerate(pending.work)]
+    if decode_pool is not None and len(encoded) > 1:
+        images = iter(list(decode_pool.map(functools.partial(_decoded_or_error, decode),
+                                           [data for data, _ in encoded], [index for _, index in encoded])))
+    else:
+        images = (_decoded_or_error(decode, data, index) for data, index in encoded)
     arrays: list[np.ndarray | Exception] = []
     for pending in batch:
         if isinstance(pending.work, np.ndarray):
             arrays.append(pending.work)
             continue
-        try:
-            arrays.append(np.stack([_decoded(decode, data, i) for i, data in enumerate(pending.work)]))
-        except ImageRefused as exc:
-            arrays.append(exc)
+        decoded = [next(images) for _ in pending.work]
+        refused = next((d for d in decoded if isinstance(d, ImageRefused)), None)
+        arrays.append(refused if refused is not None else np.stack(decoded))
     good = [a for a in arrays if isinstance(a, np.ndarray)]
     if not good:
         return arrays
@@ -82,11 +94,11 @@ async def _run_alone(work: np.ndarray | list[bytes], decode: Callable[[bytes], n
     return result
 
 
-def _decoded(decode: Callable[[bytes], np.ndarray], data: bytes, index: int) -> np.ndarray:
+def _decoded_or_error(decode: Callable[[bytes], np.ndarray], data: bytes, index: int) -> np.ndarray | ImageRefused:
     try:
         return decode(data)
     except ValueError as exc:
-        raise ImageRefused(f"image {index}: {exc}") from exc
+        return ImageRefused(f"image {index}: {exc}")
 
 
 @dataclass
@@ -95,9 +107,11 @@ class Batcher:
     all of them and runs `infer` once on the lot.
 
     After the first request arrives, it takes whatever else is queued, then waits at most
-    `max_wait_s` for more until `max_images` are collected; requests never split. A request that finds
-    no other waiting and no batch running is answered on the event loop when its decode and inference,
-    as measured on earlier lone requests, take at most INLINE_BUDGET_S: then no thread hop, no queue.
+    `max_wait_s` for more until `max_images` are collected, but only while waiting pays: while other
+    requests are on their way in, or recent batches held several requests (a lone client never waits);
+    requests never split. A request that finds no other waiting and no batch running is answered on the
+    event loop when its decode and inference, as measured on earlier lone requests, take at most
+    INLINE_BUDGET_S: then no thread hop, no queue.
     """
 
     infer: Callable[[np.ndarray], np.ndarray]
@@ -105,29 +119,32 @@ class Batcher:
     max_images: int
     max_wait_s: float
     on_batch: Callable[[int], None] = lambda size: None
+    decode_pool: Executor | None = None  # decodes the images of a batch in parallel (a GPU server's idle cores)
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     _task: asyncio.Task | None = None
     _closed: bool = False
-    _submitting: int = 0  # requests inside `submit`, not yet answered
+    _arriving: int = 0  # requests inside `submit` that are neither queued nor being answered inline yet
     _running: bool = False  # a batch is being answered in a worker thread
     _alone_seconds_per_image: float | None = None  # running estimate, from batches that held one request
+    _requests_per_batch: float = 1.0  # running estimate over recent batches (inline answers included)
 
     async def submit(self, work: np.ndarray | list[bytes]) -> np.ndarray:
         """Probabilities for decoded images, or for encoded image files (ImageRefused if one does not decode)."""
         if self._closed:  # evicted while this request held the model: answer it alone
             return await _run_alone(work, self.decode, self.infer)
-        self._submitting += 1
+        self._arriving += 1
         try:
             await asyncio.sleep(0)  # requests already read on other connections reach here before we decide
-            if self._submitting == 1 and not self._running and self._queue.empty() and self._cheap(len(work)):
-                return self._answer_inline(work)
-            if self._task is None or self._task.done():
-                self._task = asyncio.create_task(self._serve())
-            future = asyncio.get_running_loop().create_future()
-            await self._queue.put(_Pending(work, future))
-            return await future
+            alone = self._arriving == 1 and not self._running and self._queue.empty()
         finally:
-            self._submitting -= 1
+            self._arriving -= 1
+        if alone and self._cheap(len(work)):
+            return self._answer_inline(work)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._serve())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(work, future))
+        return await future
 
     def _cheap(self, images: int) -> bool:
         estimate = self._alone_seconds_per_image
@@ -139,8 +156,17 @@ class Batcher:
         self._alone_seconds_per_image = per_image if estimate is None else (
             estimate + _COST_SMOOTHING * (per_image - estimate))
 
+    def _observe_batch(self, requests: int) -> None:
+        self._requests_per_batch += _COST_SMOOTHING * (requests - self._requests_per_batch)
+
+    def _waiting_pays(self) -> bool:
+        """Whether to wait for more requests: some are already inside `submit` on their way to the queue, or
+        recent batches held several (the load is concurrent); a lone client's request runs at once."""
+        return self._arriving > 0 or self._requests_per_batch >= 1.5
+
     def _answer_inline(self, work: np.ndarray | list[bytes]) -> np.ndarray:
         self.on_batch(len(work))
+        self._observe_batch(1)
         started = time.perf_counter()
         (result,) = _run_batch([_Pending(work, None)], self.decode, self.infer)
         self._observe_alone(time.perf_counter() - started, len(work))
@@ -151,7 +177,7 @@ class Batcher:
     def _run_timed(self, batch: list[_Pending]) -> list[np.ndarray | Exception]:
         """_run_batch in the worker thread; a batch of one request also measures what answering one costs."""
         started = time.perf_counter()
-        results = _run_batch(batch, self.decode, self.infer)
+        results = _run_batch(batch, self.decode, self.infer, self.decode_pool)
         if len(batch) == 1:
             self._observe_alone(time.perf_counter() - started, len(batch[0]))
         return results
@@ -169,7 +195,7 @@ class Batcher:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
+                if remaining <= 0 or not self._waiting_pays():
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
@@ -188,6 +214,7 @@ class Batcher:
             if not batch:
                 continue
             self.on_batch(sum(len(p) for p in batch))
+            self._observe_batch(len(batch))
             self._running = True
             try:
                 results = await asyncio.to_thread(self._run_timed, batch)
@@ -231,6 +258,7 @@ class LoadedModel:
         return await _run_alone(work, self.decode, self.infer)
 
 
+CUDA_MAX_WAIT_S = 0.002  # default wait for a GPU batch to fill, taken only while waiting pays (Batcher)
 RESOLVE_TTL_S = 2.0  # how long a name, name@version or name@alias keeps resolving to the same model here
 RESOLVED_KEPT = 1024
 
@@ -243,13 +271,14 @@ class ModelCache:
     capacity: int
     batching: bool
     max_batch_images: int
-    max_wait_s: float
+    max_wait_s: float | None  # None: CUDA_MAX_WAIT_S for a model on a GPU, 0 on the CPU
     on_batch: Callable[[int], None] = lambda size: None
     max_image_pixels: int = 4096 * 4096  # an encoded image larger than this is refused before it is decoded
     _models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _loop: asyncio.AbstractEventLoop | None = None  # the loop serving the models, once one was loaded
     _resolved: dict[str, tuple[float, Resolved]] = field(default_factory=dict)  # ref -> (good until, model)
+    _decode_pool: ThreadPoolExecutor | None = None  # made with the first model served on a GPU
 
     async def resolve(self, ref: str, resolver: Callable[[], Resolved]) -> Resolved:
         """The model `ref` names: a loaded model's id at once; anything else from `resolver` (the store, in a
@@ -297,11 +326,9 @@ class ModelCache:
             spec = session_spec(session)
             decode = functools.partial(decode_image, image_size=spec.image_size, max_pixels=self.max_image_pixels,
                                        fit=spec.fit)
-            def infer(images: np.ndarray) -> np.ndarray:
-                return run_probabilities(session, images, batch_size=max(len(images), 1))
-
-            batcher = Batcher(infer, decode, self.max_batch_images, self.max_wait_s,
-                              self.on_batch) if self.batching else None
+            infer, decode_pool, max_wait_s = self._running_on(session, spec)
+            batcher = Batcher(infer, decode, self.max_batch_images, max_wait_s, self.on_batch,
+                              decode_pool) if self.batching else None
             loaded = LoadedModel(record, spec, session, batcher, decode, infer)
             self._models[model_id] = loaded
             while len(self._models) > self.capacity:
@@ -309,6 +336,22 @@ class ModelCache:
                 if evicted.batcher is not None:
                     await evicted.batcher.close()
             return loaded
+
+    def _running_on(self, session, spec: ModelSpec) -> tuple[Callable[[np.ndarray], np.ndarray],
+                                                              Executor | None, float]:
+        """How a model runs its batches: on a GPU through IO binding from a page-locked buffer, with the
+        images of a batch decoded in parallel on the host's cores and a short wait for batches to fill; on
+        the CPU a plain run, decoding in the batch's thread (the inference already takes every core)."""
+        if on_cuda(session):
+            if self._decode_pool is None:
+                self._decode_pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="h2t-decode")
+            runner = BoundRunner(session, spec.image_size, self.max_batch_images)
+            return runner, self._decode_pool, CUDA_MAX_WAIT_S if self.max_wait_s is None else self.max_wait_s
+
+        def infer(images: np.ndarray) -> np.ndarray:
+            return run_probabilities(session, images, batch_size=max(len(images), 1))
+
+        return infer, None, self.max_wait_s or 0.0
 
     @staticmethod
     def _load(path: Path, sha256: str):
@@ -323,3 +366,6 @@ class ModelCache:
             if loaded.batcher is not None:
                 await loaded.batcher.close()
         self._models.clear()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False)
+            self._decode_pool = None
