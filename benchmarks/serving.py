@@ -108,8 +108,9 @@ def register(home: Path, result, spec: ModelSpec) -> str:
     upgrade_head(url)
     store = ArtifactLayout(home / "artifacts")
     with session_scope(url) as session:
+        classes = len(spec.class_names)
         dataset = DatasetRow(name="bench", spec={"builtin": "cifar100"}, class_names=list(spec.class_names),
-                             train_counts=[1] * NUM_CLASSES, test_counts=[1] * NUM_CLASSES, image_size=SIZE)
+                             train_counts=[1] * classes, test_counts=[1] * classes, image_size=spec.image_size)
         session.add(dataset)
         session.flush()
         run = RunRow(dataset_id=dataset.id, config=RunConfig().model_dump(mode="json"))
@@ -120,7 +121,8 @@ def register(home: Path, result, spec: ModelSpec) -> str:
     target.parent.mkdir(parents=True)
     target.write_bytes(result.path.read_bytes())
     # the calibration is not what this benchmark measures: any valid report serves
-    calibration = evaluate_predictions(np.eye(NUM_CLASSES), np.arange(NUM_CLASSES), list(spec.groups))
+    classes = len(spec.class_names)
+    calibration = evaluate_predictions(np.eye(classes), np.arange(classes), list(spec.groups))
     model = ExportedModel(StoredFile(ONNX_KIND, store.relative(target), result.size_bytes, result.sha256), spec,
                           result.parity_max_abs_diff, result.parity_images, calibration)
     with session_scope(url) as session:
@@ -130,10 +132,11 @@ def register(home: Path, result, spec: ModelSpec) -> str:
     return run_id
 
 
-def multipart_request(host: str, path: str, key: str | None, png: bytes, field: str = "images") -> bytes:
+def multipart_request(host: str, path: str, key: str | None, png: bytes, field: str = "images",
+                      media: str = "image/png") -> bytes:
     boundary = "h2tbenchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"x\"\r\n"
+            f"Content-Type: {media}\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
     auth = f"X-API-Key: {key}\r\n" if key else ""
     head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
@@ -250,11 +253,12 @@ def http_table(home: Path, model_id: str, concurrencies: list[int], requests: in
     return rows
 
 
-def start_h2t(home: Path, key: str, port: int, log: Path) -> subprocess.Popen:
+def start_h2t(home: Path, key: str, port: int, log: Path, **settings: str) -> subprocess.Popen:
+    """`h2t serve` on the benchmark's store; `settings`: further H2T_* variables (H2T_PREDICT_BATCHING="false")."""
     import httpx
 
     env = {**os.environ, "H2T_ARTIFACT_DIR": str(home / "artifacts"), "H2T_API_KEYS": key,
-           "H2T_BROKER_URL": f"sqla+sqlite:///{home / 'b.db'}"}
+           "H2T_BROKER_URL": f"sqla+sqlite:///{home / 'b.db'}", **settings}
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "h2t", "serve", "--host", "127.0.0.1", "--port", str(port),
                                     "--log-level", "WARNING"], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -269,9 +273,10 @@ def start_h2t(home: Path, key: str, port: int, log: Path) -> subprocess.Popen:
 
 
 def rivals_table(home: Path, model_id: str, onnx: Path, cache: Path, concurrencies: list[int], requests: int,
-                 rounds: int) -> list[str]:
-    """Ours (predict and OIP v2, default settings: one process, batching on) against the bare FastAPI +
-    onnxruntime endpoint, BentoML and TorchServe on the same ONNX file and the same PNG, interleaved."""
+                 rounds: int, processes: int = 1) -> list[str]:
+    """Ours (predict and OIP v2, default settings: one process, batching on; and predict with `processes` API
+    processes when more than 1) against the bare FastAPI + onnxruntime endpoint, BentoML and TorchServe on the
+    same ONNX file and the same PNG, interleaved."""
     from PIL import Image
 
     sys.path.insert(0, str(Path(__file__).resolve().parent / "rivals"))
@@ -291,6 +296,12 @@ def rivals_table(home: Path, model_id: str, onnx: Path, cache: Path, concurrenci
                         ours.pid))
         servers.append(("h2t OIP v2 infer (UINT8 binary)", port,
                         oip_request(host, f"/v2/models/{model_id}/infer", key, pixels.transpose(2, 0, 1)), ours.pid))
+        if processes > 1:
+            several = start_h2t(home, key, free_port(), home / "h2t-processes.log", H2T_API_PROCESSES=str(processes))
+            stoppers.append(lambda: (several.terminate(), several.wait(timeout=30)))
+            several_port = int(several.args[several.args.index("--port") + 1])
+            servers.append((f"h2t predict, {processes} API processes", several_port, multipart_request(
+                f"127.0.0.1:{several_port}", f"/v1/models/{model_id}/predict", key, png), several.pid))
         for start in (lambda: [start_bare(onnx, free_port(), home)],
                       lambda: [start_bentoml(cache, onnx, free_port(), home)],
                       lambda: start_torchserve(cache, onnx, (free_port(), free_port(), free_port()), home)):
@@ -342,6 +353,8 @@ def main() -> int:
                         "BentoML and TorchServe (installed into venvs under --rivals-cache on first use; TorchServe "
                         "needs Java 17)")
     parser.add_argument("--rivals-cache", type=Path, default=Path.home() / ".cache" / "h2t-bench")
+    parser.add_argument("--processes", type=int, default=1, help="with --rivals: also our predict endpoint served by "
+                        "this many API processes (h2t serve --processes)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="h2t-serving-bench-") as tmp:
         home = Path(tmp)
@@ -354,7 +367,7 @@ def main() -> int:
                   f"{args.requests} requests per point and round, {args.rounds} interleaved rounds, keep-alive "
                   "clients on 127.0.0.1; every server runs the same ONNX file through onnxruntime on the CPU:\n")
             print("\n".join(rivals_table(home, model_id, result.path, args.rivals_cache, args.concurrency,
-                                          args.requests, args.rounds)))
+                                          args.requests, args.rounds, args.processes)))
             return 0
         print("\n".join(engine_table(model, result.path, max(args.rounds, 5))))
         print(f"\nHTTP predict, one {SIZE}x{SIZE} PNG per request, {args.requests} requests per point and round, "
