@@ -126,7 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = ModelCache(settings.model_cache_size, settings.predict_batching, settings.predict_max_batch,
                                   None if settings.predict_max_wait_ms is None else settings.predict_max_wait_ms / 1000,
                                   on_batch=metrics.predict_batch_size.observe,
-                                  max_image_pixels=settings.max_image_pixels)
+                                  max_image_pixels=settings.max_image_pixels,
+                                  intra_op_threads=settings.inference_threads)
     install_error_handlers(app)
     # the hot paths first, as plain routes: routes are matched in order, and these skip FastAPI's parameter
     # solving; their FastAPI twins after them document them in the OpenAPI schema

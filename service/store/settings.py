@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     api_processes: int = Field(1, ge=1, le=64, description="processes `h2t serve` runs the API in, sharing its port: "
                                "one per core the host can give to serving; each keeps its own model cache and "
                                "request batcher")
+    inference_threads: int = Field(
+        0, ge=0, le=1024, description="CPU threads of one onnxruntime inference in the API; 0: onnxruntime's "
+        "default, every core. With several API processes on a host of many cores, cores / processes keeps them from "
+        "fighting over the cores")
 
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a training worker proves it is alive")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="a running run silent this long is requeued")

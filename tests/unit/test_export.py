@@ -24,6 +24,7 @@ from models.core.backbones import build_classifier
 from models.core.data import digits_long_tailed
 from models.core.export import export_and_calibrate, export_onnx
 from models.core.train import train_two_stage
+from service.api.models_api.runtime import ModelCache
 from tests.helpers import TINY_DATASET, tiny_run_config
 
 
@@ -90,6 +91,14 @@ def test_io_bound_runs_from_the_reused_host_buffer_equal_plain_session_runs(digi
     for n in (1, 8, 21):
         np.testing.assert_array_equal(runner(images[:n]), session.run(None, {"image": images[:n]})[0])
     np.testing.assert_array_equal(runner(images[:3]), run_probabilities(session, images[:3]))  # buffer reused
+
+
+def test_the_api_loads_sessions_with_the_configured_inference_threads(digits, trained, tmp_path):
+    result = export_onnx(trained.model, _spec(digits, trained.groups), tmp_path / "m.onnx",
+                         digits.test.images.numpy()[:4])
+    for threads in (1, 2):
+        session = ModelCache._load(result.path, result.sha256, threads)
+        assert session.get_session_options().intra_op_num_threads == threads
 
 
 def test_calibration_of_the_served_artifact_matches_the_torch_model(digits, trained, tmp_path):

@@ -274,6 +274,7 @@ class ModelCache:
     max_wait_s: float | None  # None: CUDA_MAX_WAIT_S for a model on a GPU, 0 on the CPU
     on_batch: Callable[[int], None] = lambda size: None
     max_image_pixels: int = 4096 * 4096  # an encoded image larger than this is refused before it is decoded
+    intra_op_threads: int = 0  # CPU threads of one inference; 0: onnxruntime's default (every core)
     _models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _loop: asyncio.AbstractEventLoop | None = None  # the loop serving the models, once one was loaded
@@ -322,7 +323,8 @@ class ModelCache:
             if model_id in self._models:
                 return self._models[model_id]
             record = await asyncio.to_thread(lookup, model_id)
-            session = await asyncio.to_thread(self._load, artifacts.resolve(record.onnx_path), record.sha256)
+            session = await asyncio.to_thread(self._load, artifacts.resolve(record.onnx_path), record.sha256,
+                                              self.intra_op_threads)
             spec = session_spec(session)
             decode = functools.partial(decode_image, image_size=spec.image_size, max_pixels=self.max_image_pixels,
                                        fit=spec.fit)
@@ -354,12 +356,12 @@ class ModelCache:
         return infer, None, self.max_wait_s or 0.0
 
     @staticmethod
-    def _load(path: Path, sha256: str):
+    def _load(path: Path, sha256: str, intra_op_threads: int):
         if not path.exists():
             raise ResourceConflict(f"the model file {path.name} is missing from the artifact store")
         if sha256_file(path) != sha256:
             raise ResourceConflict(f"the model file {path.name} does not match its recorded sha256")
-        return load_session(path)
+        return load_session(path, intra_op_threads)
 
     async def close(self) -> None:
         for loaded in self._models.values():
