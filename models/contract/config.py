@@ -224,6 +224,21 @@ class Stage1Config(_Frozen):
     milestones: tuple[int, ...] = PAPER_MILESTONES  # lr x gamma after each of these (1-based) epochs
     gamma: float = Field(0.1, gt=0, le=1)
     mixup_alpha: float = Field(1.0, ge=0, description="input mixup Beta(alpha, alpha); 0 disables it")
+    loss: Literal["ce", "logit_adjusted", "balanced_softmax"] = Field(
+        "ce", description="ce: cross-entropy (the paper); logit_adjusted: cross-entropy of the logits plus "
+        "tau * log(class prior) (Menon et al., ICLR 2021); balanced_softmax: the same with tau 1 (Ren et al., "
+        "NeurIPS 2020). The prior is the training split's class frequencies; predictions use the plain logits")
+    logit_adjust_tau: float = Field(1.0, ge=0, le=10, description="tau of the logit-adjusted loss")
+    augment_policy: Literal["none", "autoaugment_cifar", "randaugment"] = Field(
+        "none", description="after the crop and flip, per image: AutoAugment's CIFAR-10 policy or RandAugment "
+        "(torchvision's operations, applied to whole batches on the training device)")
+    randaugment_ops: int = Field(2, ge=1, le=8, description="operations per image of RandAugment")
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="magnitude bin (of 31) of RandAugment")
+    cutout: int = Field(0, ge=0, le=1024, description="side in pixels of the Cutout square, last of the "
+                        "augmentations (16 for CIFAR in PaCo's recipe); 0: none")
+    sam_rho: float = Field(0.0, ge=0, le=2, description="sharpness-aware minimisation (Foret et al., ICLR 2021): "
+                           "the radius of the weight perturbation, 0.05-0.2 typical; 0: plain SGD. Doubles the "
+                           "cost of a step")
 
     @model_validator(mode="before")
     @classmethod
@@ -255,6 +270,9 @@ class Stage2Config(_Frozen):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     shift_bn: bool = Field(True, description="keep updating BatchNorm running statistics of the frozen backbone")
+    max_norm: float | None = Field(
+        None, gt=0, le=1000, description="after every step, each class's classifier weight vector is scaled down "
+        "to at most this L2 norm (MaxNorm, Alshammari et al., CVPR 2022); none: no cap")
 
     @model_validator(mode="after")
     def _check(self) -> Stage2Config:

@@ -31,7 +31,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.contract.config import LoaderConfig, RunConfig
-from models.core.augment import Augmentation, CropFlip, Draws, ResizedCropFlip, crop_flip, normalize, resized_crops
+from models.core.augment import (
+    Augmentation,
+    CropFlip,
+    Draws,
+    ResizedCropFlip,
+    apply_extras,
+    crop_flip,
+    normalize,
+    resized_crops,
+)
 from models.core.data import Dataset, FileSet, ImageSet
 from models.core.device import to_model_layout
 
@@ -80,9 +89,12 @@ class BatchSource:
         """The test split in order as uint8 N x 3 x S x S batches on the device."""
         raise NotImplementedError
 
-    def _batch(self, images: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> Batch:
-        """A step's uint8 images normalised on the device (into `out` when given), with their labels."""
-        x = normalize(images.to(self.device, non_blocking=True), self._mean, self._std, out)
+    def _batch(self, images: torch.Tensor, indices: torch.Tensor, draws: Draws,
+               out: torch.Tensor | None = None) -> Batch:
+        """A step's cropped uint8 images with the rest of their augmentation (the draws' extras: a policy,
+        Cutout) applied and normalised on the device (into `out` when given), with their labels."""
+        augmented = apply_extras(images.to(self.device, non_blocking=True), draws)
+        x = normalize(augmented, self._mean, self._std, out)
         return Batch(to_model_layout(x, self.device), self._labels[indices.to(self.device, non_blocking=True)])
 
 
@@ -98,7 +110,7 @@ class MemorySource(BatchSource):
         # every index and draw of the epoch goes to the device before the first step, so no step waits on a copy
         moved = [[(idx.to(self.device), draws.to(self.device)) for idx, draws in step] for step in requests]
         for step in moved:
-            yield [self._batch(self.augmentation.apply(self._train[idx], draws), idx) for idx, draws in step]
+            yield [self._batch(self.augmentation.apply(self._train[idx], draws), idx, draws) for idx, draws in step]
 
     def test_images(self, batch_size: int) -> Iterator[torch.Tensor]:
         yield from self._test.split(batch_size)
@@ -326,8 +338,8 @@ class StreamingSource(BatchSource):
                 parts = [decode_on_device(data, offsets, draws, self.augmentation.image_size, self.decode_device,
                                           [self.train.name(i) for i in idx.tolist()])
                          for (data, offsets), (idx, draws) in zip(parts, step, strict=True)]
-            yield [self._batch(images, idx, self._reused_buffer(n, r, images))
-                   for r, (images, (idx, _)) in enumerate(zip(parts, step, strict=True))]
+            yield [self._batch(images, idx, draws, self._reused_buffer(n, r, images))
+                   for r, (images, (idx, draws)) in enumerate(zip(parts, step, strict=True))]
             if n % RELEASE_EVERY == RELEASE_EVERY - 1:
                 release_freed_memory()
 

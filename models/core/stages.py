@@ -19,7 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.contract.config import Stage1Config, Stage2Config
-from models.core.augment import Augmentation, Draws, mix, mixup_lambda
+from models.core.augment import (
+    Augmentation,
+    CutoutDraws,
+    Draws,
+    ExtraDraws,
+    PolicyDraws,
+    mix,
+    mixup_lambda,
+    with_extras,
+)
 from models.core.backbones import ImageClassifier
 from models.core.device import autocast
 from models.core.h2t import class_balanced_indices, fuse_channels, fusion_channels
@@ -73,6 +82,15 @@ class StageRecipe(Protocol[StepT]):
         """The loss of a step (or of a rank's share of it) through `training_module`'s `net`."""
         ...
 
+    @property
+    def sam_rho(self) -> float:
+        """The radius of sharpness-aware minimisation's weight perturbation; 0: a plain optimizer step."""
+        ...
+
+    def after_step(self, model: ImageClassifier) -> None:
+        """Called after each optimizer step (a projection of the weights, say)."""
+        ...
+
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_scale: float | None) -> torch.Tensor:
     """The mean over a whole step; over a rank's share of it, the sum times `loss_scale`
@@ -80,6 +98,51 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_scale: float 
     if loss_scale is None:
         return F.cross_entropy(logits, labels)
     return F.cross_entropy(logits, labels, reduction="sum") * loss_scale
+
+
+def logit_adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor, tau: float,
+                                 loss_scale: float | None) -> torch.Tensor:
+    """Cross-entropy of `logits + tau * log_prior` (Menon et al., ICLR 2021): training pushes the plain logits
+    towards a class-balanced decision; with tau 1 it is the balanced softmax (Ren et al., NeurIPS 2020)."""
+    return cross_entropy(logits + tau * log_prior, labels, loss_scale)
+
+
+def log_prior(class_counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """log of the training split's class frequencies; an empty class gets the log of half an image (finite)."""
+    counts = torch.tensor(class_counts, dtype=torch.float32, device=device).clamp_min(0.5)
+    return torch.log(counts / counts.sum())
+
+
+def sam_perturb(parameters: list[nn.Parameter], rho: float) -> list[torch.Tensor | None]:
+    """Sharpness-aware minimisation's ascent (Foret et al., ICLR 2021): move each parameter by
+    rho * g / ||g|| (g: the current gradients, the norm over all of them); returns the weights as they were,
+    for `sam_restore` (kept rather than subtracted again, so the restore is exact)."""
+    grads = [p.grad for p in parameters]
+    norm = torch.norm(torch.stack([g.detach().norm(2) for g in grads if g is not None]), 2)
+    scale = rho / (norm + 1e-12)
+    kept: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for p, g in zip(parameters, grads, strict=True):
+            kept.append(None if g is None else p.detach().clone())
+            if g is not None:
+                p.add_(g * scale)
+    return kept
+
+
+def sam_restore(parameters: list[nn.Parameter], kept: list[torch.Tensor | None]) -> None:
+    """Undo `sam_perturb`: the gradients computed meanwhile (at the perturbed point) are what SAM steps with."""
+    with torch.no_grad():
+        for p, weights in zip(parameters, kept, strict=True):
+            if weights is not None:
+                p.copy_(weights)
+
+
+def cap_row_norms(weight: torch.Tensor, max_norm: float) -> None:
+    """Scale down, in place, each row (a class's weight vector) whose L2 norm exceeds `max_norm` (MaxNorm's
+    projection, Alshammari et al., CVPR 2022)."""
+    with torch.no_grad():
+        norms = weight.norm(dim=1, keepdim=True)
+        weight.mul_(torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0))
 
 
 def _loss_scale(size: int, ranks: Ranks) -> float:
@@ -141,10 +204,43 @@ class Stage1Step:
 
 @dataclass(frozen=True)
 class Stage1Recipe:
-    """Backbone and classifier trained end to end with cross-entropy, with input mixup when alpha > 0."""
+    """Backbone and classifier trained end to end with cross-entropy (or a logit-adjusted loss), with input
+    mixup when alpha > 0, an augmentation policy and Cutout after the crop when configured, and SAM."""
 
     config: Stage1Config
+    class_counts: tuple[int, ...] = ()  # of the training split: the prior of the logit-adjusted losses
     stage: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if self.config.loss != "ce" and not self.class_counts:
+            raise ValueError(f"stage-1 loss {self.config.loss!r} needs the training split's class counts")
+
+    @property
+    def sam_rho(self) -> float:
+        return self.config.sam_rho
+
+    def after_step(self, model: ImageClassifier) -> None:
+        pass
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_scale: float | None) -> torch.Tensor:
+        c = self.config
+        if c.loss == "ce":
+            return cross_entropy(logits, labels, loss_scale)
+        tau = 1.0 if c.loss == "balanced_softmax" else c.logit_adjust_tau
+        return logit_adjusted_cross_entropy(logits, labels, log_prior(self.class_counts, logits.device), tau,
+                                            loss_scale)
+
+    def draw_extras(self, n: int, generator: torch.Generator) -> tuple[ExtraDraws, ...]:
+        """The augmentation after the crop, per image of the epoch: drawn after everything else of the epoch,
+        and only when configured, so a run without it draws exactly what it drew before it existed."""
+        c = self.config
+        extras: list[ExtraDraws] = []
+        if c.augment_policy != "none":
+            extras.append(PolicyDraws.draw(n, c.augment_policy, generator, c.randaugment_ops,
+                                           c.randaugment_magnitude))
+        if c.cutout > 0:
+            extras.append(CutoutDraws.draw(n, c.cutout, generator))
+        return tuple(extras)
 
     def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]:
         return list(model.parameters())
@@ -176,6 +272,9 @@ class Stage1Recipe:
             lams = [mixup_lambda(self.config.mixup_alpha, generator) for _ in shuffle.sizes]
             perms = [torch.randperm(size, generator=generator).to(device) for size in shuffle.sizes]
             mixups = [Mixup(lam, perm) for lam, perm in zip(lams, perms, strict=True)]
+        extras = self.draw_extras(labels.shape[0], generator)
+        if extras:
+            shuffle = replace(shuffle, crops=with_extras(shuffle.crops, extras))
         return [Stage1Step(idx, crops, m) for (idx, crops), m in zip(shuffle.batches(), mixups, strict=True)]
 
     def step_loss(self, net: nn.Module, step: Stage1Step, batches: list[Batch],
@@ -184,14 +283,14 @@ class Stage1Recipe:
         scale = step.loss_scale
         with autocast(x.device, dtype):
             if step.mixup is None:
-                return cross_entropy(net(x).float(), y, scale)
+                return self.loss(net(x).float(), y, scale)
             lam = step.mixup.lam
             if step.partners is None:  # the whole batch: partners are a permutation of it
                 mixed, y_partner = mix(x, step.mixup.perm, lam), y[step.mixup.perm]
             else:  # a rank's share: the same sums, with partners read as images of their own
                 mixed, y_partner = lam * x + (1.0 - lam) * batches[1].images, batches[1].labels
             logits = net(mixed).float()
-            return lam * cross_entropy(logits, y, scale) + (1 - lam) * cross_entropy(logits, y_partner, scale)
+            return lam * self.loss(logits, y, scale) + (1 - lam) * self.loss(logits, y_partner, scale)
 
 
 @dataclass(frozen=True)
@@ -248,10 +347,16 @@ class FusedHead(nn.Module):
 @dataclass(frozen=True)
 class Stage2Recipe:
     """The classifier re-trained on the frozen backbone with class-balanced batches and plain CE,
-    fusing channels of instance-sampled feature maps into them (H2T) when the fusion ratio is > 0."""
+    fusing channels of instance-sampled feature maps into them (H2T) when the fusion ratio is > 0, and its
+    class weight vectors capped after each step (MaxNorm) when configured."""
 
     config: Stage2Config
     stage: ClassVar[int] = 2
+    sam_rho: ClassVar[float] = 0.0
+
+    def after_step(self, model: ImageClassifier) -> None:
+        if self.config.max_norm is not None:
+            cap_row_norms(model.head.fc.weight, self.config.max_norm)
 
     def trained_parameters(self, model: ImageClassifier) -> list[nn.Parameter]:
         model.backbone.requires_grad_(False)  # frozen: no gradient is even computed for it

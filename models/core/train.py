@@ -29,7 +29,7 @@ from models.core.pretrained import PretrainedReport, WeightSource, initialise_fr
 from models.core.progress import ProgressCallback, ProgressClock
 from models.core.ranks import SINGLE, Ranks, agree, sum_across
 from models.core.source import BatchSource, source_for
-from models.core.stages import Stage1Recipe, Stage2Recipe, StageRecipe, StepT
+from models.core.stages import Stage1Recipe, Stage2Recipe, StageRecipe, StepT, sam_perturb, sam_restore
 
 
 class TrainingCancelled(Exception):
@@ -123,6 +123,7 @@ def train_epoch(
                               source.device)
     # every rank draws the whole epoch and trains its share of each step
     trained = [step.shard(ranks) for step in steps] if ranks.parallel else steps
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     total_loss = torch.zeros((), device=source.device)  # summed on the device: no sync per step
     seen = 0
     with closing(source.steps([step.requests for step in trained])) as loaded:  # closed on an error too
@@ -130,7 +131,13 @@ def train_epoch(
             loss = recipe.step_loss(net, share, batches, dtype)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.sam_rho > 0:  # SAM: the step takes the gradient at the worst point within rho
+                kept = sam_perturb(parameters, recipe.sam_rho)
+                optimizer.zero_grad(set_to_none=True)
+                recipe.step_loss(net, share, batches, dtype).backward()
+                sam_restore(parameters, kept)
             optimizer.step()
+            recipe.after_step(model)
             total_loss += loss.detach() * (step.size / ranks.world)  # the share's part of the step's sum
             seen += step.size
             if on_step is not None:
@@ -302,7 +309,7 @@ def train_two_stage(
     if synced:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state_dict keys
     source = source_for(dataset, config, device, ranks.world)
-    stage1, stage2 = Stage1Recipe(config.stage1), Stage2Recipe(config.stage2)
+    stage1, stage2 = Stage1Recipe(config.stage1, tuple(dataset.train_counts())), Stage2Recipe(config.stage2)
     pretrained = None
     if config.pretrained is not None and stage1_from is None and not folder.checkpoint(stage1.stage).exists():
         pretrained = initialise_from(model, config.pretrained, weights or WeightSource())

@@ -9,7 +9,7 @@ from models.contract.config import Stage1Config, Stage2Config
 from models.core.augment import Augmentation, CropFlip, mixup_lambda
 from models.core.backbones import build_classifier
 from models.core.h2t import class_balanced_indices, fusion_channels
-from models.core.stages import Stage1Recipe, Stage2Recipe
+from models.core.stages import Stage1Recipe, Stage2Recipe, sam_perturb, sam_restore
 
 CPU = torch.device("cpu")
 LABELS = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])  # long-tailed: 6, 3, 1
@@ -154,3 +154,62 @@ def test_stage2_draws_keep_the_order_of_the_generator():
     assert all(torch.equal(s.fusion.channels, c) for s, c in zip(steps, channels, strict=True))
     # without fusion, the fused branch sees the very same draws
     assert torch.equal(torch.cat([s.indices for s in draw(stage2(batch_size=4, method="crt"))]), balanced)
+
+
+def test_logit_adjusted_and_balanced_softmax_losses_equal_hand_computed_values():
+    counts = (6, 3, 1)  # prior 0.6, 0.3, 0.1
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.5, 1.5]])
+    labels = torch.tensor([0, 2])
+
+    def by_hand(tau: float) -> float:  # -log softmax(z + tau log pi)[y], averaged
+        total = 0.0
+        for z, y in zip(logits.tolist(), labels.tolist(), strict=True):
+            adjusted = [v + tau * math.log(p) for v, p in zip(z, (0.6, 0.3, 0.1), strict=True)]
+            total += -(adjusted[y] - math.log(sum(math.exp(a) for a in adjusted)))
+        return total / 2
+
+    la = Stage1Recipe(Stage1Config(loss="logit_adjusted", logit_adjust_tau=2.0), counts)
+    bs = Stage1Recipe(Stage1Config(loss="balanced_softmax", logit_adjust_tau=2.0), counts)  # tau ignored: 1
+    assert float(la.loss(logits, labels, None)) == pytest.approx(by_hand(2.0), abs=1e-5)
+    assert float(bs.loss(logits, labels, None)) == pytest.approx(by_hand(1.0), abs=1e-5)
+    assert float(stage1().loss(logits, labels, None)) == pytest.approx(by_hand(0.0), abs=1e-5)
+    with pytest.raises(ValueError, match="class counts"):
+        Stage1Recipe(Stage1Config(loss="balanced_softmax"))
+
+
+def test_augmentation_after_the_crop_is_drawn_last_and_only_when_configured():
+    plain, cut = draw(stage1(batch_size=4)), draw(stage1(batch_size=4, cutout=4, augment_policy="randaugment"))
+    for a, b in zip(plain, cut, strict=True):  # everything else drawn exactly as without them
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.crops.top, b.crops.top)
+        assert a.mixup.lam == b.mixup.lam and torch.equal(a.mixup.perm, b.mixup.perm)
+        assert a.crops.extras == () and [type(e).__name__ for e in b.crops.extras] == ["PolicyDraws", "CutoutDraws"]
+    assert sum(len(s.crops.extras[1].centre_y) for s in cut) == len(LABELS)
+
+
+def test_sam_perturbs_along_the_normalised_gradient_and_restores_the_weights_exactly():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    layer(torch.randn(4, 3)).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    kept = sam_perturb(list(layer.parameters()), rho=0.1)
+    for p, b, g in zip(layer.parameters(), before, grads, strict=True):
+        assert torch.allclose(p - b, 0.1 * g / norm, atol=1e-7)
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(layer.parameters(), before, strict=True)))
+    assert float(moved) == pytest.approx(0.1, rel=1e-5)
+    sam_restore(list(layer.parameters()), kept)
+    assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before, strict=True))
+
+
+def test_stage2_max_norm_caps_each_class_weight_vector_and_leaves_shorter_ones():
+    model = build_classifier("resnet32", 3)
+    with torch.no_grad():
+        model.head.fc.weight.copy_(torch.tensor([[3.0, 4.0] + [0.0] * 62, [0.3, 0.4] + [0.0] * 62,
+                                                 [0.0] * 63 + [10.0]]))
+    stage2(max_norm=1.0).after_step(model)
+    norms = model.head.fc.weight.norm(dim=1)
+    assert norms.tolist() == pytest.approx([1.0, 0.5, 1.0])
+    assert model.head.fc.weight[0, :2].tolist() == pytest.approx([0.6, 0.8])  # scaled, direction kept
+    stage2().after_step(model)  # no cap configured: unchanged
+    assert model.head.fc.weight.norm(dim=1).tolist() == pytest.approx([1.0, 0.5, 1.0])

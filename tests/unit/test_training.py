@@ -129,3 +129,23 @@ def test_loading_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path):
     torch.save({"epoch": 1, "payload": _Payload()}, path)
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_checkpoint(path)
+
+
+def test_the_strong_recipe_trains_to_the_same_weights_when_resumed_and_caps_the_classifier(digits, tmp_path):
+    """Logit-adjusted loss, RandAugment, Cutout and SAM in stage 1, MaxNorm in stage 2: every draw of the
+    augmentation after the crop is replayed on resume, and every class vector ends within the cap."""
+    config = tiny_config(seed=1, stage1={"loss": "logit_adjusted", "augment_policy": "randaugment", "cutout": 4,
+                                         "sam_rho": 0.05}, stage2={"max_norm": 2.0})
+    straight = train_two_stage(digits, config, RunFolder(tmp_path / "straight"), CPU)
+
+    def interrupt(m):
+        if (m.stage, m.epoch) == (1, 2):
+            raise TrainingCancelled
+
+    with pytest.raises(TrainingCancelled):
+        train_two_stage(digits, config, RunFolder(tmp_path / "resumed"), CPU, on_epoch=interrupt)
+    resumed = train_two_stage(digits, config, RunFolder(tmp_path / "resumed"), CPU)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert all(torch.isfinite(torch.tensor([m.loss for m in straight.stage1 + straight.stage2])))
+    assert float(straight.model.head.fc.weight.norm(dim=1).max()) <= 2.0 + 1e-5
