@@ -99,7 +99,8 @@ def train_locally(ranks, device, hooks, config, data_root, folder, stage1_from, 
     from models.core.data import load_dataset
     from models.core.train import train_two_stage
 
-    dataset = load_dataset(config.dataset, data_root, augment=config.augment, loader=config.loader)
+    dataset = load_dataset(config.dataset, data_root, augment=config.augment, loader=config.loader,
+                           validation=config.validation)
     return train_two_stage(dataset, config, folder, device, hooks.on_epoch, stage1_from, hooks.stop_requested, weights,
                            ranks, hooks.on_progress)
 
@@ -121,7 +122,7 @@ def train_command(args: argparse.Namespace) -> int:
     settings = Settings()
     data_root = args.data_root or settings.data_root
     dataset = load_dataset(config.dataset, data_root, download=args.download, augment=config.augment,
-                           loader=config.loader)
+                           loader=config.loader, validation=config.validation)
     device = resolve_device(args.device)
     print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
           f"{dataset.num_classes} classes, {'streamed from files' if dataset.streams else 'in memory'}, "

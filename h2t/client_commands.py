@@ -370,7 +370,7 @@ def _import(client: Client, args: argparse.Namespace) -> int:
         raise ApiError(400, f"{folder} holds no config.yaml: give the --out folder of `h2t train`")
     config = LocalTrainConfig.model_validate(yaml.safe_load(config_file.read_text()))
     dataset = load_dataset(config.dataset, args.data_root or Settings().data_root, augment=config.augment,
-                           loader=config.loader)
+                           loader=config.loader, validation=config.validation)
     with tempfile.TemporaryDirectory() as scratch:
         try:
             served = export_finished_folder(folder, config, dataset, Path(scratch) / "model.onnx")

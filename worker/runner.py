@@ -163,14 +163,16 @@ def train_and_export(ranks: Ranks, device: torch.device, hooks: TrainingHooks, r
 
     artifacts, config = settings.artifacts, run.config
     folder = artifacts.run(run_id)
-    dataset = load_dataset(run.dataset, settings.data_root, artifacts, augment=config.augment, loader=config.loader)
+    dataset = load_dataset(run.dataset, settings.data_root, artifacts, augment=config.augment, loader=config.loader,
+                           validation=config.validation)
     result = train_two_stage(dataset, config, folder, device, hooks.on_epoch,
                              artifacts.run(run.stage1_from) if run.stage1_from else None, hooks.stop_requested,
                              WeightSource(settings.data_root, settings.allow_weight_download), ranks, hooks.on_progress)
     if not ranks.main:
         return None
     try:
-        served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx, loader_workers(config.loader))
+        served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx, loader_workers(config.loader),
+                                      config.validation.calibration if config.validation else None)
     except Exception as exc:
         raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
     return TrainedRun(served, result.pretrained.summary() if result.pretrained is not None else None)

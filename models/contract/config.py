@@ -344,6 +344,23 @@ class LoaderConfig(_Frozen):
 MAX_RUN_DEVICES = 64  # one host's GPUs, with room
 
 
+class ValidationConfig(_Frozen):
+    """A validation split held out for post-hoc calibration; never the test split, never trained on."""
+
+    source: Literal["auto", "unused", "carve", "dataset"] = Field(
+        "auto", description="unused: for builtin long-tailed sets, images of the balanced training set that the "
+        "long-tailed subset left out (extra labelled data, which the report says); carve: a per-class fraction "
+        "of the training images, removed from training; dataset: the dataset's own val split; auto: unused for "
+        "builtin sets, else the dataset's val split where it has one, else carve")
+    per_class: int = Field(20, ge=1, le=10_000, description="unused: images per class (fewer where fewer are left)")
+    fraction: float = Field(0.1, gt=0, lt=1, description="carve: fraction of each class's training images, at "
+                            "least one (a class with a single training image keeps it)")
+    calibration: Literal["none", "overall", "group", "class"] = Field(
+        "class", description="the temperature scaling fitted on the split after stage 2 and applied by the exported "
+        "model: one temperature, one per group of the predicted class, or one per predicted class shrunk "
+        "towards its group's; none: measure only")
+
+
 class RunConfig(_Frozen):
     """Everything that determines a two-stage run, except the dataset it runs on."""
 
@@ -364,6 +381,9 @@ class RunConfig(_Frozen):
         "(SyncBatchNorm, CUDA only), as on one device; off: each device normalises its own share")
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
+    validation: ValidationConfig | None = Field(
+        None, description="hold out a validation split and calibrate the final model's probabilities on it; "
+        "none: the paper's protocol (train and test splits only)")
     pretrained: PretrainedWeights | None = Field(
         None, description="initial weights of stage 1 (a file under the data root or a torchvision weights name); "
         "a stage-1 checkpoint to resume from wins over them")

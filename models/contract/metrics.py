@@ -35,15 +35,37 @@ class GroupSummary(_Record):
                                    "where the group has no class with evaluation images")
     ece: float | None = Field(description=f"expected calibration error, {N_BINS} equal-width bins, fraction; null "
                               "where the group has no evaluation images")
+    classwise_ece: float | None = Field(
+        None, description="class-wise ECE (Kull et al., NeurIPS 2019): per class of the group, the calibration error "
+        "of that class's probability for every evaluation image against whether the image is of that class, "
+        f"{N_BINS} bins; the mean over the group's classes; null where not measured")
 
 
 class GroupReport(GroupSummary):
     bins: tuple[ReliabilityBin, ...]
 
 
+class CalibrationFit(_Record):
+    """Temperature scaling fitted on a validation split after stage 2, and its effect."""
+
+    level: str = Field(description="overall, group or class (see the run config's validation.calibration)")
+    validation: str = Field(description="where the validation images came from")
+    validation_images: int
+    temperatures: dict[str, float] = Field(description="the temperature fitted overall and per group of the "
+                                           "predicted class (the class level shrinks per-class fits towards these)")
+    test_before: dict[str, GroupSummary] = Field(
+        description="the test split's accuracy, ECE and class-wise ECE without the scaling, overall and per group; "
+        "the report's groups hold them with it")
+    validation_ece_before: dict[str, float | None]
+    validation_ece_after: dict[str, float | None]
+
+
 class EvaluationReport(_Record):
     top1: float = Field(description="sample accuracy over the whole evaluation set")
     groups: dict[str, GroupReport] = Field(description="overall, many, medium, few")
+    calibration_fit: CalibrationFit | None = Field(
+        None, description="the temperature scaling the served model applies, when its run held out a validation "
+        "split; null: the model's probabilities are its softmax as trained")
 
 
 class EpochMetrics(_Record):
@@ -120,6 +142,24 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return ece_from_bins(reliability_bins(probs.max(axis=1), correct, n_bins))
 
 
+def classwise_ece(probs: np.ndarray, labels: np.ndarray, classes: np.ndarray, n_bins: int = N_BINS) -> float | None:
+    """Mean over `classes` of the ECE of p_c against [label == c] over all images (equal-width bins of p_c)."""
+    if len(classes) == 0 or len(labels) == 0:
+        return None
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    errors = []
+    for start in range(0, len(classes), 64):  # a chunk of classes at a time: N x 64 values
+        chunk = classes[start:start + 64]
+        p = probs[:, chunk]
+        hit = (labels[:, None] == chunk[None, :]).astype(np.float64)
+        which = np.clip(np.digitize(p, edges, right=True) - 1, 0, n_bins - 1)
+        for j in range(len(chunk)):
+            confidence = np.bincount(which[:, j], weights=p[:, j], minlength=n_bins)
+            accuracy = np.bincount(which[:, j], weights=hit[:, j], minlength=n_bins)
+            errors.append(float(np.abs(accuracy - confidence).sum() / len(labels)))
+    return float(np.mean(errors))
+
+
 DEFAULT_GROUPS = GroupConfig()
 
 
@@ -165,12 +205,14 @@ def evaluate_predictions(
         present = classes[per_class_n[classes] > 0]
         accuracy = float(np.mean(per_class_correct[present] / per_class_n[present])) if len(present) else None
         ece = ece_from_bins(bins) if mask.any() else None  # an empty group has no accuracy to report, not 0
-        return GroupReport(n=int(mask.sum()), accuracy=accuracy, ece=ece, bins=bins)
+        return GroupReport(n=int(mask.sum()), accuracy=accuracy, ece=ece, bins=bins,
+                           classwise_ece=classwise_ece(probs, labels, present))
 
     top1 = float(correct.mean()) if len(correct) else 0.0
     overall_bins = reliability_bins(confidences, correct, n_bins)
-    reports = {"overall": GroupReport(n=len(labels), accuracy=top1, ece=ece_from_bins(overall_bins), bins=overall_bins)}
     all_classes = np.arange(num_classes)
+    reports = {"overall": GroupReport(n=len(labels), accuracy=top1, ece=ece_from_bins(overall_bins), bins=overall_bins,
+                                      classwise_ece=classwise_ece(probs, labels, all_classes))}
     for name in GROUP_NAMES:
         classes = all_classes[group_of_class == name]
         reports[name] = report(np.isin(labels, classes), classes)

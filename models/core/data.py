@@ -5,7 +5,7 @@ streaming path (`models.core.source`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from models.contract.config import (
     ListFilesDataset,
     LoaderConfig,
     ReferenceDataset,
+    ValidationConfig,
 )
 from models.contract.layout import ArtifactLayout
 from models.contract.onnx_model import Fit, read_rgb
@@ -105,6 +106,10 @@ class Dataset:
     std: tuple[float, float, float]
     eval_fit: Fit = "squash"  # how test images (and served requests) become S x S, see `read_rgb`
     unreadable: tuple[UnreadableFile, ...] = ()  # files a scan of a dataset by reference left out
+    val: Split | None = None  # held out for calibration (`with_validation`); read as the test split is
+    val_source: str = ""  # where the validation images come from, in words, for the report
+    group_counts: tuple[int, ...] | None = None  # the training counts groups are defined on, where carving a
+    # validation split changed them (so a class's group does not depend on whether a run holds one out)
 
     @property
     def num_classes(self) -> int:
@@ -120,6 +125,9 @@ class Dataset:
 
     def train_counts(self) -> list[int]:
         return torch.bincount(self.train.labels, minlength=self.num_classes).tolist()
+
+    def counts_for_groups(self) -> list[int]:
+        return list(self.group_counts) if self.group_counts is not None else self.train_counts()
 
     def test_counts(self) -> list[int]:
         return torch.bincount(self.test.labels, minlength=self.num_classes).tolist()
@@ -156,16 +164,38 @@ def load_cifar(root: str | Path, name: str, download: bool = False) -> tuple[Ima
     return read(train_files), read([test_file]), class_names
 
 
-def cifar_long_tailed(root: str | Path, spec: BuiltinDataset, download: bool = False) -> Dataset:
+def cifar_long_tailed(root: str | Path, spec: BuiltinDataset, download: bool = False,
+                      unused_per_class: int = 0) -> Dataset:
+    """The long-tailed subset of CIFAR's training set; with `unused_per_class`, a validation split of that
+    many images per class from those the subset left out."""
     train, test, class_names = load_cifar(root, spec.builtin, download=download)
     num_classes = len(class_names)
     counts = long_tailed_counts(CIFAR_TRAIN_PER_CLASS[spec.builtin], num_classes, spec.imbalance_factor, spec.profile)
-    keep = torch.from_numpy(long_tailed_indices(train.labels.numpy(), counts, spec.sampling_seed))
-    lt_train = ImageSet(train.images[keep].contiguous(), train.labels[keep].contiguous())
-    return Dataset(f"{spec.builtin}-lt", class_names, lt_train, test, CIFAR_MEAN, CIFAR_STD)
+    keep = long_tailed_indices(train.labels.numpy(), counts, spec.sampling_seed)
+    kept = torch.from_numpy(keep)
+    lt_train = ImageSet(train.images[kept].contiguous(), train.labels[kept].contiguous())
+    dataset = Dataset(f"{spec.builtin}-lt", class_names, lt_train, test, CIFAR_MEAN, CIFAR_STD)
+    if unused_per_class:
+        left = np.setdiff1d(np.arange(len(train)), keep)
+        chosen = torch.from_numpy(left[_per_class_sample(train.labels.numpy()[left], unused_per_class,
+                                                         spec.sampling_seed)])
+        val = ImageSet(train.images[chosen].contiguous(), train.labels[chosen].contiguous())
+        dataset = replace(dataset, val=val, val_source=UNUSED_NOTE)
+    return dataset
 
 
-def digits_long_tailed(spec: BuiltinDataset) -> Dataset:
+UNUSED_NOTE = ("images of the balanced training set that the long-tailed subset left out: extra labelled data "
+               "the long-tailed benchmark does not give")
+
+
+def _per_class_sample(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Positions of up to `per_class` images of each class among `labels`, drawn without replacement."""
+    rng = np.random.default_rng([seed, 1])
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def digits_long_tailed(spec: BuiltinDataset, unused_per_class: int = 0) -> Dataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -188,7 +218,12 @@ def digits_long_tailed(spec: BuiltinDataset) -> Dataset:
     train = ImageSet(images[train_idx], torch.from_numpy(labels[train_idx]))
     test = ImageSet(images[test_idx_all], torch.from_numpy(labels[test_idx_all]))
     mean, std = channel_stats(train.images)
-    return Dataset("digits-lt", DIGITS_CLASS_NAMES, train, test, mean, std)
+    dataset = Dataset("digits-lt", DIGITS_CLASS_NAMES, train, test, mean, std)
+    if unused_per_class:
+        val_idx = np.concatenate([pool[n:n + unused_per_class] for pool, n in zip(pool_idx, counts, strict=True)])
+        val = ImageSet(images[val_idx], torch.from_numpy(labels[val_idx]))
+        dataset = replace(dataset, val=val, val_source=UNUSED_NOTE)
+    return dataset
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -259,7 +294,7 @@ def load_image_folder(root: str | Path, image_size: int = 32) -> Dataset:
 
 
 def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name: str, eval_fit: Fit = "squash",
-                 streaming: bool = False) -> Dataset:
+                 streaming: bool = False, with_val: bool = False) -> Dataset:
     """The train and test splits of a scan index: in memory, each training image resized to the square
     `image_size` (as `load_image_folder`) and each test image by `eval_fit`; or, `streaming`, as their file
     lists. Either way the normalisation is measured on the same evenly spaced sample of training images.
@@ -273,16 +308,48 @@ def load_indexed(index: ScanIndex, data_root: str | Path, image_size: int, name:
         return ImageSet(images, torch.tensor([label for _, label in pairs], dtype=torch.int64))
 
     train_pairs, test_pairs = index.splits["train"], index.splits["test"]
+    val_pairs = index.splits.get("val") if with_val else None
+    if with_val and val_pairs is None:
+        raise ValueError(f"{name} has no val split to hold out; use validation source 'carve'")
     sample = stats_sample(len(train_pairs))
     if streaming:
         train = FileSet.from_list(root, train_pairs, image_size)
         mean, std = accumulated_channel_stats(train.read(i) for i in sample)
         test = FileSet.from_list(root, test_pairs, image_size)
-        return Dataset(name, index.class_names, train, test, mean, std, eval_fit, tuple(index.unreadable))
-    train = read(train_pairs, "squash")
-    mean, std = accumulated_channel_stats(train.images[i].numpy() for i in sample)
-    return Dataset(name, index.class_names, train, read(test_pairs, eval_fit), mean, std, eval_fit,
-                   tuple(index.unreadable))
+        val = FileSet.from_list(root, val_pairs, image_size) if val_pairs is not None else None
+    else:
+        train = read(train_pairs, "squash")
+        mean, std = accumulated_channel_stats(train.images[i].numpy() for i in sample)
+        test = read(test_pairs, eval_fit)
+        val = read(val_pairs, eval_fit) if val_pairs is not None else None
+    return Dataset(name, index.class_names, train, test, mean, std, eval_fit, tuple(index.unreadable), val,
+                   "the dataset's own val split" if val is not None else "")
+
+
+def carve_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """The dataset with a per-class `fraction` of its training images (at least one; none of a class with a
+    single image) moved to a validation split; groups stay those of the full training counts."""
+    labels = dataset.train.labels.numpy()
+    rng = np.random.default_rng([seed, 2])
+    held = []
+    for c in range(dataset.num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) >= 2:
+            take = min(max(1, round(fraction * len(members))), len(members) - 1)
+            held.append(rng.permutation(members)[:take])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), held_out)
+    train, val = _subset(dataset.train, kept), _subset(dataset.train, held_out)
+    return replace(dataset, train=train, val=val, group_counts=tuple(dataset.counts_for_groups()),
+                   val_source=f"{fraction:.0%} of each class's training images, carved out of training")
+
+
+def _subset(split: Split, positions: np.ndarray) -> Split:
+    index = torch.from_numpy(positions)
+    if isinstance(split, ImageSet):
+        return ImageSet(split.images[index].contiguous(), split.labels[index].contiguous())
+    files = FileList(split.files[int(i)] for i in positions)
+    return FileSet(split.root, files, split.labels[index].contiguous(), split.image_size)
 
 
 def read_listed(path: Path, shown: str, image_size: int, fit: Fit = "squash") -> np.ndarray:
@@ -308,6 +375,7 @@ def _reference_name(spec: ReferenceDataset) -> str:
 def load_dataset(
     spec: DatasetConfig, data_root: str | Path | None = None, artifacts: ArtifactLayout | None = None,
     download: bool = False, augment: AugmentConfig | None = None, loader: LoaderConfig | None = None,
+    validation: ValidationConfig | None = None,
 ) -> Dataset:
     """Build the dataset a spec names: the one dispatch over the dataset union. CIFAR and datasets by
     reference need `data_root` (reference paths are relative to it and confined to it), an uploaded
@@ -315,8 +383,27 @@ def load_dataset(
 
     A dataset by reference is held in memory or streamed as `loader` decides from its size, and its test
     images are fitted as `augment`'s crop kind evaluates (squashed for pad crops, centre-cropped for
-    resized crops)."""
+    resized crops).
+
+    With `validation`, the dataset also holds a validation split as it says (`ValidationConfig.source`)."""
     augment, loader = augment or AugmentConfig(), loader or LoaderConfig()
+    source = validation.source if validation is not None else None
+    if source == "auto":
+        source = "unused" if isinstance(spec, BuiltinDataset) else None  # decided below for the others
+    if source == "unused" and not isinstance(spec, BuiltinDataset):
+        raise ValueError("validation source 'unused' is for builtin long-tailed datasets; use 'carve' or 'dataset'")
+    if source == "dataset" and not isinstance(spec, ReferenceDataset):
+        raise ValueError("only a dataset by reference can have its own val split; use validation source 'carve'")
+    dataset = _load(spec, data_root, artifacts, download, augment, loader, validation, source)
+    if validation is not None and dataset.val is None:  # carve, or auto without a val split of its own
+        dataset = carve_validation(dataset, validation.fraction, getattr(spec, "sampling_seed", 0))
+    return dataset
+
+
+def _load(spec: DatasetConfig, data_root: str | Path | None, artifacts: ArtifactLayout | None, download: bool,
+          augment: AugmentConfig, loader: LoaderConfig, validation: ValidationConfig | None,
+          source: str | None) -> Dataset:
+    unused = validation.per_class if source == "unused" else 0
     loader.streams(0, 1, isinstance(spec, ReferenceDataset))  # refuses streaming what has no files
     match spec:
         case FolderDataset() | ListFilesDataset() | CocoDataset():
@@ -326,16 +413,18 @@ def load_dataset(
             index = scan_reference(spec, data_root)
             images = len(index.splits["train"]) + len(index.splits["test"])
             fit: Fit = "squash" if augment.crop_kind(spec.image_size) == "pad" else "center_crop"
+            with_val = source == "dataset" or (validation is not None and validation.source == "auto"
+                                               and "val" in index.splits)
             return load_indexed(index, data_root, spec.image_size, _reference_name(spec), fit,
-                                loader.streams(images, spec.image_size, by_reference=True))
+                                loader.streams(images, spec.image_size, by_reference=True), with_val)
         case ArchiveDataset():
             if artifacts is None:
                 raise ValueError(f"archive dataset {spec.archive!r} needs the artifact store it was extracted into")
             return load_image_folder(artifacts.resolve(spec.archive), spec.image_size)
         case BuiltinDataset(builtin="digits"):
-            return digits_long_tailed(spec)
+            return digits_long_tailed(spec, unused)
         case BuiltinDataset():
             if data_root is None:
                 raise ValueError(f"{spec.builtin} needs a data root holding the CIFAR python files")
-            return cifar_long_tailed(data_root, spec, download=download)
+            return cifar_long_tailed(data_root, spec, download=download, unused_per_class=unused)
     raise TypeError(f"not a dataset spec: {type(spec).__name__}")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 import torch
 
-from models.contract.metrics import EvaluationReport, evaluate_predictions
+from models.contract.metrics import CalibrationFit, EvaluationReport, GroupSummary, evaluate_predictions
 from models.contract.onnx_model import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -22,24 +24,35 @@ from models.contract.onnx_model import (
     sha256_file,
     uint8_to_input,
 )
+from models.contract.temperature import CalibrationLevel, fit_temperatures
 from models.core.backbones import ImageClassifier
 from models.core.data import Dataset
 from models.core.source import held_out_batches
 
 OPSET = 17
+TEMPERATURES_KEY = "h2t.temperatures"  # metadata of a calibrated export: the temperature per predicted class
+LOWEST_PROBABILITY = float(np.finfo(np.float32).tiny)  # log(p) stands for the logits; p never underflows to 0 here
 
 
 class _Exportable(torch.nn.Module):
-    """[0, 1] RGB in, softmax probabilities out."""
+    """[0, 1] RGB in, softmax probabilities out; with `temperatures` (one per class), the logits of an image
+    are divided by the temperature of its predicted class first (temperature scaling: same argmax)."""
 
-    def __init__(self, model: ImageClassifier, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, model: ImageClassifier, mean: tuple[float, ...], std: tuple[float, ...],
+                 temperatures: np.ndarray | None = None) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.calibrated = temperatures is not None
+        if temperatures is not None:
+            self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model((image - self.mean) / self.std), dim=1)
+        logits = self.model((image - self.mean) / self.std)
+        if self.calibrated:
+            logits = logits / self.temperatures[logits.argmax(dim=1)].unsqueeze(1)
+        return torch.softmax(logits, dim=1)
 
 
 @dataclass(frozen=True)
@@ -51,10 +64,12 @@ class ExportResult:
     parity_images: int
 
 
-def export_onnx(model: ImageClassifier, spec: ModelSpec, path: Path, parity_images: np.ndarray) -> ExportResult:
+def export_onnx(model: ImageClassifier, spec: ModelSpec, path: Path, parity_images: np.ndarray,
+                temperatures: np.ndarray | None = None) -> ExportResult:
     """Write `path` (fp32, CPU graph, dynamic batch) and compare it with the torch model on
-    `parity_images` (uint8 N x 3 x H x W, real test images)."""
-    wrapper = _Exportable(copy.deepcopy(model), spec.mean, spec.std).to("cpu").float().eval()
+    `parity_images` (uint8 N x 3 x H x W, real test images); with `temperatures` (per predicted class), the
+    graph answers temperature-scaled probabilities, and the parity is of those."""
+    wrapper = _Exportable(copy.deepcopy(model), spec.mean, spec.std, temperatures).to("cpu").float().eval()
     example = torch.zeros(2, 3, spec.image_size, spec.image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
@@ -64,7 +79,10 @@ def export_onnx(model: ImageClassifier, spec: ModelSpec, path: Path, parity_imag
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
     graph = onnx.load(str(tmp))
-    for key, value in spec.to_metadata().items():
+    metadata = spec.to_metadata()
+    if temperatures is not None:
+        metadata[TEMPERATURES_KEY] = json.dumps([float(t) for t in temperatures])
+    for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(graph)
     onnx.save(graph, str(tmp))
@@ -89,21 +107,53 @@ class ServedModel:
     calibration: EvaluationReport  # of the ONNX model itself on the test split
 
 
+def _served_probabilities(path: Path, split, fit: str, workers: int) -> np.ndarray:
+    session = load_session(path)
+    with closing(held_out_batches(split, fit, CALIBRATION_BATCH, workers)) as batches:
+        probs = [run_probabilities(session, uint8_to_input(images.numpy())) for images in batches]
+    return np.concatenate(probs)
+
+
 def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[str], path: Path,
-                         workers: int = 0) -> ServedModel:
+                         workers: int = 0, calibration: CalibrationLevel | Literal["none"] | None = None
+                         ) -> ServedModel:
     """Export, check parity on real test images, and measure the served artifact itself (through
     onnxruntime) on the whole test split, read batch by batch: accuracy, ECE and reliability bins,
-    overall and per group."""
+    overall and per group.
+
+    With a `calibration` level and a dataset holding a validation split, temperatures are fitted on the
+    validation split's outputs of the exported model (log-probabilities: the logits up to a constant per
+    image, which softmax ignores), the model is exported again applying them, and the report measures the
+    calibrated artifact, with the uncalibrated test figures and the validation ECE before and after beside."""
     spec = ModelSpec(dataset.image_size, tuple(dataset.mean), tuple(dataset.std), tuple(dataset.class_names),
                      tuple(groups), dataset.eval_fit)
     with closing(held_out_batches(dataset.test, dataset.eval_fit, PARITY_IMAGES)) as first:
         parity = next(first, None)
-    result = export_onnx(model, spec, path, parity.numpy() if parity is not None else np.zeros((0, 3, 1, 1), np.uint8))
-    session = load_session(path)
-    with closing(held_out_batches(dataset.test, dataset.eval_fit, CALIBRATION_BATCH, workers)) as batches:
-        probs = [run_probabilities(session, uint8_to_input(images.numpy())) for images in batches]
-    report = evaluate_predictions(np.concatenate(probs), dataset.test.labels.numpy(), groups)
-    return ServedModel(result, spec, report)
+    parity_images = parity.numpy() if parity is not None else np.zeros((0, 3, 1, 1), np.uint8)
+    result = export_onnx(model, spec, path, parity_images)
+    test_labels = dataset.test.labels.numpy()
+    report = evaluate_predictions(_served_probabilities(path, dataset.test, dataset.eval_fit, workers), test_labels,
+                                  groups)
+    if calibration in (None, "none") or dataset.val is None:
+        return ServedModel(result, spec, report)
+
+    val_labels = dataset.val.labels.numpy()
+    val_probs = _served_probabilities(path, dataset.val, dataset.eval_fit, workers)
+    val_logits = np.log(np.maximum(val_probs, LOWEST_PROBABILITY))
+    fitted = fit_temperatures(val_logits, val_labels, groups, calibration)
+    result = export_onnx(model, spec, path, parity_images, np.asarray(fitted.per_class, dtype=np.float32))
+    calibrated = evaluate_predictions(_served_probabilities(path, dataset.test, dataset.eval_fit, workers),
+                                      test_labels, groups)
+    val_before = evaluate_predictions(val_probs, val_labels, groups)
+    val_after = evaluate_predictions(fitted.apply(val_logits), val_labels, groups)
+    fit = CalibrationFit(
+        level=calibration, validation=dataset.val_source, validation_images=len(val_labels),
+        temperatures={"overall": fitted.overall, **fitted.groups},
+        test_before={name: GroupSummary(n=g.n, accuracy=g.accuracy, ece=g.ece, classwise_ece=g.classwise_ece)
+                     for name, g in report.groups.items()},
+        validation_ece_before={name: g.ece for name, g in val_before.groups.items()},
+        validation_ece_after={name: g.ece for name, g in val_after.groups.items()})
+    return ServedModel(result, spec, calibrated.model_copy(update={"calibration_fit": fit}))
 
 
 def export_finished_folder(folder_root: Path, config, dataset: Dataset, path: Path) -> ServedModel:
@@ -123,4 +173,5 @@ def export_finished_folder(folder_root: Path, config, dataset: Dataset, path: Pa
                          f"run the same `h2t train --out {folder_root}` again to finish it")
     model = build_classifier(config.backbone, dataset.num_classes)
     model.load_state_dict(state["model"])
-    return export_and_calibrate(model.eval(), dataset, run_groups(dataset, config), path)
+    return export_and_calibrate(model.eval(), dataset, run_groups(dataset, config), path,
+                                calibration=config.validation.calibration if config.validation else None)

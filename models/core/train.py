@@ -159,7 +159,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 def run_groups(dataset: Dataset, config: RunConfig) -> list[str]:
     """The many/medium/few group of each class, as the run's config defines them (the service and `h2t train`
     fill in the dataset's definition; a config without one gets the count thresholds)."""
-    return class_groups(dataset.train_counts(), config.groups or DEFAULT_GROUPS)
+    return class_groups(dataset.counts_for_groups(), config.groups or DEFAULT_GROUPS)
 
 
 @dataclass(frozen=True)

@@ -152,3 +152,55 @@ def test_describe_builtin_reports_missing_cifar_files(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not under the data root"):
         describe_builtin(BuiltinDataset(builtin="cifar10"), tmp_path)
+
+
+def _image_keys(images: torch.Tensor) -> list[bytes]:
+    return [bytes(image.numpy().tobytes()) for image in images]
+
+
+def test_the_unused_validation_split_of_cifar100_lt_never_overlaps_training_or_test(cifar_root):
+    from collections import Counter
+
+    from models.contract.config import ValidationConfig
+
+    data = load_dataset(BuiltinDataset(builtin="cifar100", imbalance_factor=0.01), cifar_root,
+                        validation=ValidationConfig(per_class=20))
+    left = [500 - n for n in data.train_counts()]  # the head class uses all its 500 images: none left
+    assert torch.bincount(data.val.labels, minlength=100).tolist() == [min(20, n) for n in left]
+    assert "left out" in data.val_source and len(data.train) == 10_847  # training is untouched
+    full_train, _, _ = load_cifar(cifar_root, "cifar100")
+    copies = Counter(_image_keys(full_train.images))  # CIFAR holds a few exact duplicates of its own
+    train, test = set(_image_keys(data.train.images)), set(_image_keys(data.test.images))
+    for key in _image_keys(data.val.images):
+        assert key not in train or copies[key] > 1
+        assert key not in test or copies[key] > 0 and key in set(_image_keys(full_train.images))
+
+
+def test_a_carved_validation_split_is_disjoint_from_training_and_keeps_the_groups():
+    from models.contract.config import ValidationConfig
+    from models.core.data import carve_validation
+
+    spec = BuiltinDataset(builtin="digits", imbalance_factor=0.1)
+    full = load_dataset(spec)
+    numbered = full.train.images.clone()
+    numbered[:, 0, 0, 0] = torch.arange(len(numbered)) % 256  # tell every image apart by its pixels
+    numbered[:, 1, 0, 0] = torch.arange(len(numbered)) // 256
+    from dataclasses import replace
+
+    from models.core.data import ImageSet
+    full = replace(full, train=ImageSet(numbered, full.train.labels))
+    carved = carve_validation(full, 0.2, seed=0)
+    train, val = set(_image_keys(carved.train.images)), set(_image_keys(carved.val.images))
+    assert not train & val and len(train) + len(val) == len(full.train)
+    per_class = torch.bincount(carved.val.labels, minlength=10).tolist()
+    assert per_class == [max(1, round(0.2 * n)) for n in full.train_counts()]
+    assert carved.counts_for_groups() == full.train_counts()  # groups of the full training counts
+    via_config = load_dataset(spec, validation=ValidationConfig(source="carve", fraction=0.2))
+    assert len(via_config.val) == len(carved.val) and "carved" in via_config.val_source
+
+
+def test_a_validation_source_the_dataset_cannot_give_is_refused():
+    from models.contract.config import ValidationConfig
+
+    with pytest.raises(ValueError, match="only a dataset by reference"):
+        load_dataset(BuiltinDataset(builtin="digits"), validation=ValidationConfig(source="dataset"))

@@ -1,5 +1,6 @@
 import asyncio
 import io
+import json
 import re
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.contract.config import BuiltinDataset, RunConfig
+from models.contract.config import BuiltinDataset, RunConfig, ValidationConfig
 from models.contract.layout import RunFolder
 from models.contract.metrics import class_groups, evaluate_predictions
 from models.contract.onnx_model import (
@@ -21,7 +22,7 @@ from models.contract.onnx_model import (
     session_spec,
 )
 from models.core.backbones import build_classifier
-from models.core.data import digits_long_tailed
+from models.core.data import digits_long_tailed, load_dataset
 from models.core.export import export_and_calibrate, export_onnx
 from models.core.train import train_two_stage
 from service.api.models_api.runtime import ModelCache
@@ -99,6 +100,39 @@ def test_the_api_loads_sessions_with_the_configured_inference_threads(digits, tr
     for threads in (1, 2):
         session = ModelCache._load(result.path, result.sha256, threads)
         assert session.get_session_options().intra_op_num_threads == threads
+
+
+def test_a_calibrated_export_answers_the_torch_side_temperature_scaled_probabilities(digits, trained, tmp_path):
+    temperatures = np.linspace(0.5, 3.0, digits.num_classes).astype(np.float32)
+    images = digits.test.images.numpy()[:64]
+    result = export_onnx(trained.model, _spec(digits, trained.groups), tmp_path / "m.onnx", images, temperatures)
+    with torch.no_grad():
+        model = trained.model.cpu().float().eval()
+        mean, std = torch.tensor(digits.mean).view(1, 3, 1, 1), torch.tensor(digits.std).view(1, 3, 1, 1)
+        logits = model((torch.from_numpy(images).float() / 255 - mean) / std)
+        expected = torch.softmax(logits / torch.from_numpy(temperatures)[logits.argmax(1)][:, None], 1).numpy()
+    served = run_probabilities(load_session(result.path), images.astype(np.float32) / 255)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert np.array_equal(served.argmax(1), logits.argmax(1).numpy())
+    assert result.parity_max_abs_diff < 1e-5
+    metadata = onnx.load(str(result.path)).metadata_props
+    assert json.loads({p.key: p.value for p in metadata}["h2t.temperatures"]) == pytest.approx(temperatures.tolist())
+
+
+def test_export_with_a_validation_split_fits_temperatures_there_and_reports_before_and_after(digits, trained,
+                                                                                            tmp_path):
+    held = load_dataset(BuiltinDataset.model_validate(TINY_DATASET), validation=ValidationConfig())
+    served = export_and_calibrate(trained.model, held, trained.groups, tmp_path / "m.onnx", calibration="group")
+    fit = served.calibration.calibration_fit
+    assert fit.level == "group" and fit.validation_images == len(held.val) and "left out" in fit.validation
+    assert set(fit.temperatures) == {"overall", "many", "medium", "few"}
+    assert set(fit.test_before) == set(served.calibration.groups)
+    before, after = fit.test_before["overall"], served.calibration.groups["overall"]
+    assert before.accuracy == pytest.approx(after.accuracy)  # temperatures never change a prediction
+    assert all(g.classwise_ece is not None for g in served.calibration.groups.values() if g.n)
+    uncalibrated = export_and_calibrate(trained.model, held, trained.groups, tmp_path / "u.onnx")
+    assert uncalibrated.calibration.calibration_fit is None
+    assert uncalibrated.calibration.groups["overall"].ece == pytest.approx(before.ece)
 
 
 def test_calibration_of_the_served_artifact_matches_the_torch_model(digits, trained, tmp_path):

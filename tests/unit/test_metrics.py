@@ -84,3 +84,16 @@ def test_tables_show_a_dash_for_an_empty_group():
     table = group_table(report, [200, 150], [1, 1], ["many", "many"])
     few_row = table.splitlines()[-1].split()
     assert few_row[0] == "few" and few_row[-2:] == ["-", "-"]
+
+
+def test_classwise_ece_is_the_mean_over_classes_of_each_class_probabilitys_calibration_error():
+    from models.contract.metrics import classwise_ece
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    labels = np.array([0, 1, 1])
+    # class 0: p = .9 (hit), .6 (miss), .2 (miss) in bins of width 1/15, each alone: |1-.9| + |0-.6| + |0-.2|
+    # class 1: p = .1 (miss), .4 (hit), .8 (hit): |0-.1| + |1-.4| + |1-.8|; both over 3 images
+    expected = ((0.1 + 0.6 + 0.2) / 3 + (0.1 + 0.6 + 0.2) / 3) / 2
+    assert classwise_ece(probs, labels, np.array([0, 1])) == pytest.approx(expected)
+    assert classwise_ece(probs, labels, np.array([1])) == pytest.approx((0.1 + 0.6 + 0.2) / 3)
+    assert classwise_ece(probs, labels, np.array([], dtype=int)) is None
