@@ -45,6 +45,12 @@ class GroupReport(GroupSummary):
     bins: tuple[ReliabilityBin, ...]
 
 
+def summaries(report: EvaluationReport) -> dict[str, GroupSummary]:
+    """A report's accuracy, ECE and class-wise ECE per group, without the reliability bins."""
+    return {name: GroupSummary(n=g.n, accuracy=g.accuracy, ece=g.ece, classwise_ece=g.classwise_ece)
+            for name, g in report.groups.items()}
+
+
 class CalibrationFit(_Record):
     """Temperature scaling fitted on a validation split after stage 2, and its effect."""
 
@@ -56,8 +62,8 @@ class CalibrationFit(_Record):
     test_before: dict[str, GroupSummary] = Field(
         description="the test split's accuracy, ECE and class-wise ECE without the scaling, overall and per group; "
         "the report's groups hold them with it")
-    validation_ece_before: dict[str, float | None]
-    validation_ece_after: dict[str, float | None]
+    validation_before: dict[str, GroupSummary] = Field(description="the same on the validation split, unscaled")
+    validation_after: dict[str, GroupSummary] = Field(description="the same on the validation split, scaled")
 
 
 class EvaluationReport(_Record):

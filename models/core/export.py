@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import torch
 
-from models.contract.metrics import CalibrationFit, EvaluationReport, GroupSummary, evaluate_predictions
+from models.contract.metrics import CalibrationFit, EvaluationReport, evaluate_predictions, summaries
 from models.contract.onnx_model import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -149,10 +149,7 @@ def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[
     fit = CalibrationFit(
         level=calibration, validation=dataset.val_source, validation_images=len(val_labels),
         temperatures={"overall": fitted.overall, **fitted.groups},
-        test_before={name: GroupSummary(n=g.n, accuracy=g.accuracy, ece=g.ece, classwise_ece=g.classwise_ece)
-                     for name, g in report.groups.items()},
-        validation_ece_before={name: g.ece for name, g in val_before.groups.items()},
-        validation_ece_after={name: g.ece for name, g in val_after.groups.items()})
+        test_before=summaries(report), validation_before=summaries(val_before), validation_after=summaries(val_after))
     return ServedModel(result, spec, calibrated.model_copy(update={"calibration_fit": fit}))
 
 
