@@ -56,7 +56,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
                     common.append(f"stage1.sam_rho={args.sam}")
                 base = f"ir{ir}-{recipe}-s{seed}"
                 first = Job(f"{base}-dr", ir, args.out / f"ir{ir}" / recipe / f"s{seed}" / "dr",
-                            [*common, "stage2.method=crt"], None, {"recipe": recipe, "method": "dr", "seed": seed})
+                            [*common, "stage2.method=crt", "stage2.rho=0"], None,
+                            {"recipe": recipe, "method": "dr", "seed": seed})
                 jobs.append(first)
                 rhos = RHO_CHECK if args.rho_check and ir == 100 and recipe == "strong" and seed == 0 else (0.25,)
                 for rho in rhos:
@@ -172,7 +173,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text + "\n")
     print(text)
-    return 0
+    unfinished = [job.name for job in jobs if not job.folder.summary.exists()]
+    if unfinished:
+        print(f"not finished: {', '.join(unfinished)}", file=sys.stderr)
+    return 1 if unfinished else 0
 
 
 if __name__ == "__main__":

@@ -360,6 +360,18 @@ class ValidationConfig(_Frozen):
         "model: one temperature, one per group of the predicted class, or one per predicted class shrunk "
         "towards its group's; none: measure only")
 
+    def check_for(self, spec: object) -> None:
+        """Refuse a source the dataset cannot give (ValueError)."""
+        if self.source == "unused" and not isinstance(spec, BuiltinDataset):
+            raise ValueError("source 'unused' is for builtin long-tailed datasets; use 'carve' or 'dataset'")
+        if self.source == "dataset" and not isinstance(spec, FolderDataset | ListFilesDataset | CocoDataset):
+            raise ValueError("only a dataset by reference can have its own val split; use source 'carve'")
+
+    def may_carve(self, spec: object) -> bool:
+        """Whether the split may be taken out of the training images (`auto` carves where a dataset by reference
+        has no val split), so that a stage 1 trained without the same split saw its images."""
+        return self.source == "carve" or (self.source == "auto" and not isinstance(spec, BuiltinDataset))
+
 
 class RunConfig(_Frozen):
     """Everything that determines a two-stage run, except the dataset it runs on."""

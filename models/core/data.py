@@ -390,10 +390,8 @@ def load_dataset(
     source = validation.source if validation is not None else None
     if source == "auto":
         source = "unused" if isinstance(spec, BuiltinDataset) else None  # decided below for the others
-    if source == "unused" and not isinstance(spec, BuiltinDataset):
-        raise ValueError("validation source 'unused' is for builtin long-tailed datasets; use 'carve' or 'dataset'")
-    if source == "dataset" and not isinstance(spec, ReferenceDataset):
-        raise ValueError("only a dataset by reference can have its own val split; use validation source 'carve'")
+    if validation is not None:
+        validation.check_for(spec)
     dataset = _load(spec, data_root, artifacts, download, augment, loader, validation, source)
     if validation is not None and dataset.val is None:  # carve, or auto without a val split of its own
         dataset = carve_validation(dataset, validation.fraction, getattr(spec, "sampling_seed", 0))

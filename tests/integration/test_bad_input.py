@@ -244,6 +244,18 @@ CASES = [
         ),
     ),
     Case(
+        "validation split a builtin dataset cannot give",
+        422,
+        lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "validation": {"source": "dataset"}}),
+        "validation.source",
+    ),
+    Case(
+        "validation fraction out of range",
+        422,
+        lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"],
+                                                "validation": {"source": "carve", "fraction": 1.5}}),
+    ),
+    Case(
         "stage1_from unknown run",
         404,
         lambda c, ids: c.post("/v1/runs", json={"dataset_id": ids["dataset"], "stage1_from": "nope"}),

@@ -76,6 +76,14 @@ def stage1_finished(run: RunRow) -> bool:
     return run.status == RunStatus.succeeded or run.stage1_from is not None or (run.stage == 2 and run.epoch >= 1)
 
 
+def _held_out(config: RunConfig, dataset) -> tuple | None:
+    """What a run's validation split takes out of the training images, where it may take any."""
+    validation = config.validation
+    if validation is None or not validation.may_carve(dataset.dataset_spec()):
+        return None
+    return validation.source, validation.fraction
+
+
 def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
     dataset = get_dataset(session, body.dataset_id)
     if dataset.status != DatasetStatus.ready:
@@ -88,6 +96,11 @@ def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
         config.loader.streams(0, 1, isinstance(dataset.dataset_spec(), ReferenceDataset))
     except ValueError as exc:
         raise InvalidInput(f"loader.mode: {exc}") from exc
+    if config.validation is not None:
+        try:
+            config.validation.check_for(dataset.dataset_spec())
+        except ValueError as exc:
+            raise InvalidInput(f"validation.source: {exc}") from exc
     definition = dataset.group_config()
     if config.groups is not None and config.groups != definition:
         raise InvalidInput(f"groups: runs on dataset {dataset.id} use its group definition "
@@ -103,6 +116,9 @@ def create(session: Session, body: RunCreate, settings: Settings) -> RunRow:
         source_config = RunConfig.model_validate(source.config)
         if source.dataset_id != body.dataset_id or source_config.backbone != config.backbone:
             raise ResourceConflict("stage1_from: that run trained another dataset or backbone")
+        if _held_out(source_config, dataset) != _held_out(config, dataset):
+            raise ResourceConflict("stage1_from: that run's stage 1 trained on another split of the training images "
+                                   "(validation carved differently); hold out the same validation split")
     # the run whose stage 1 was trained: a run that itself reused one holds no stage-1 checkpoint
     stage1_from = None if body.stage1_from is None else (source.stage1_from or source.id)
     row = RunRow(dataset_id=dataset.id, stage1_from=stage1_from, config=config.model_dump(mode="json"),
