@@ -1,8 +1,9 @@
-"""Pack just the CIFAR-100 images the LT protocol reads (about 60 MiB), to carry to a GPU host offline.
+"""Pack just the CIFAR-100 images the LT protocol reads (about 70 MiB), to carry to a GPU host offline.
 
-The LT subsets depend only on the labels (per class, a seeded shuffle of that class's indices), so
-`unpack` rebuilds the standard pickle layout with every label and with the pixels of the union of the
-IR 200/100/50 subsets and the whole test set; other training pixels are zero and never read, which
+The LT subsets depend only on the labels (per class, a seeded shuffle of that class's indices), and so do
+their `unused` validation splits (20 per class of the images each subset left out), so `unpack` rebuilds the
+standard pickle layout with every label and with the pixels of the union of the IR 200/100/50 subsets,
+their validation splits and the whole test set; other training pixels are zero and never read, which
 `unpack` checks by recomputing the subsets.
 
   python benchmarks/remote_gpu/pack_cifar100_lt.py pack data .remote-gpu/cifar100_lt.xz
@@ -20,14 +21,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from models.contract.catalog import long_tailed_counts, long_tailed_indices  # noqa: E402
+from models.contract.catalog import long_tailed_counts, long_tailed_indices, unused_validation_indices  # noqa: E402
+from models.contract.config import UNUSED_VALIDATION_PER_CLASS  # noqa: E402
 
 FACTORS = (0.005, 0.01, 0.02)
 
 
 def _subset_union(labels: np.ndarray) -> np.ndarray:
     kept = [long_tailed_indices(labels, long_tailed_counts(500, 100, f, "exp"), 0) for f in FACTORS]
-    return np.unique(np.concatenate(kept))
+    held = [unused_validation_indices(labels, k, UNUSED_VALIDATION_PER_CLASS, 0) for k in kept]
+    return np.unique(np.concatenate(kept + held))
 
 
 def pack(data_root: Path, dest: Path) -> None:

@@ -67,6 +67,15 @@ def long_tailed_indices(labels: np.ndarray, counts: list[int], seed: int = 0) ->
     return np.concatenate(kept)
 
 
+def unused_validation_indices(labels: np.ndarray, kept: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices (into `labels`) of up to `per_class` images of each class that a long-tailed subset (`kept`)
+    left out, drawn without replacement with a stream of its own: a builtin set's `unused` validation split."""
+    left = np.setdiff1d(np.arange(len(labels)), kept)
+    rng = np.random.default_rng([seed, 1])
+    chosen = [rng.permutation(left[labels[left] == c])[:per_class] for c in np.unique(labels[left])]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
 def unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
         return pickle.load(f, encoding="latin1")

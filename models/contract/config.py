@@ -344,6 +344,9 @@ class LoaderConfig(_Frozen):
 MAX_RUN_DEVICES = 64  # one host's GPUs, with room
 
 
+UNUSED_VALIDATION_PER_CLASS = 20
+
+
 class ValidationConfig(_Frozen):
     """A validation split held out for post-hoc calibration; never the test split, never trained on."""
 
@@ -352,7 +355,8 @@ class ValidationConfig(_Frozen):
         "long-tailed subset left out (extra labelled data, which the report says); carve: a per-class fraction "
         "of the training images, removed from training; dataset: the dataset's own val split; auto: unused for "
         "builtin sets, else the dataset's val split where it has one, else carve")
-    per_class: int = Field(20, ge=1, le=10_000, description="unused: images per class (fewer where fewer are left)")
+    per_class: int = Field(UNUSED_VALIDATION_PER_CLASS, ge=1, le=10_000,
+                           description="unused: images per class (fewer where fewer are left)")
     fraction: float = Field(0.1, gt=0, lt=1, description="carve: fraction of each class's training images, at "
                             "least one (a class with a single training image keeps it)")
     calibration: Literal["none", "overall", "group", "class"] = Field(

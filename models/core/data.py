@@ -24,6 +24,7 @@ from models.contract.catalog import (
     long_tailed_counts,
     long_tailed_indices,
     unpickle,
+    unused_validation_indices,
 )
 from models.contract.config import (
     ArchiveDataset,
@@ -176,9 +177,8 @@ def cifar_long_tailed(root: str | Path, spec: BuiltinDataset, download: bool = F
     lt_train = ImageSet(train.images[kept].contiguous(), train.labels[kept].contiguous())
     dataset = Dataset(f"{spec.builtin}-lt", class_names, lt_train, test, CIFAR_MEAN, CIFAR_STD)
     if unused_per_class:
-        left = np.setdiff1d(np.arange(len(train)), keep)
-        chosen = torch.from_numpy(left[_per_class_sample(train.labels.numpy()[left], unused_per_class,
-                                                         spec.sampling_seed)])
+        chosen = torch.from_numpy(unused_validation_indices(train.labels.numpy(), keep, unused_per_class,
+                                                            spec.sampling_seed))
         val = ImageSet(train.images[chosen].contiguous(), train.labels[chosen].contiguous())
         dataset = replace(dataset, val=val, val_source=UNUSED_NOTE)
     return dataset
@@ -186,13 +186,6 @@ def cifar_long_tailed(root: str | Path, spec: BuiltinDataset, download: bool = F
 
 UNUSED_NOTE = ("images of the balanced training set that the long-tailed subset left out: extra labelled data "
                "the long-tailed benchmark does not give")
-
-
-def _per_class_sample(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Positions of up to `per_class` images of each class among `labels`, drawn without replacement."""
-    rng = np.random.default_rng([seed, 1])
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
 def digits_long_tailed(spec: BuiltinDataset, unused_per_class: int = 0) -> Dataset:
