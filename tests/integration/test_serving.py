@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import signal
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,8 @@ def served(databases, redis_url, tmp_path_factory):
     try:
         with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
             dataset = create_tiny_dataset(client)
-            run = submit_run(client, dataset, stage1={"epochs": 4})
+            # calibrated on a validation split: the served model applies temperatures, the tests below hold for it
+            run = submit_run(client, dataset, stage1={"epochs": 4}, validation={"calibration": "group"})
             try:
                 final = wait_for_run(client, run["id"], ("succeeded",), 240)
             except AssertionError as exc:
@@ -95,6 +97,12 @@ def test_a_succeeded_run_registers_its_model_with_parity_and_sha256(api, served,
     _, response = _downloaded_session(api, model_id, tmp_path)
     assert hashlib.sha256(response.content).hexdigest() == model["onnx_sha256"]
     assert [m["id"] for m in api.get("/v1/models").json()["data"]] == [model_id]  # not the cancelled run
+    fit = api.get(f"/v1/models/{model_id}/calibration").json()["calibration_fit"]
+    assert fit["level"] == "group" and fit["validation_images"] > 0 and "left out" in fit["validation"]
+    assert set(fit["temperatures"]) == {"overall", "many", "medium", "few"}
+    assert fit["test_before"]["overall"]["accuracy"] == pytest.approx(model["calibration"]["overall"]["accuracy"])
+    session, _ = _downloaded_session(api, model_id, tmp_path)
+    assert len(json.loads(session.get_modelmeta().custom_metadata_map["h2t.temperatures"])) == 10
 
 
 def test_stored_calibration_equals_an_independent_recomputation_from_the_onnx_outputs(api, served, digits, tmp_path):
