@@ -134,7 +134,8 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
 
                 lines.append(f"| {ir} | {recipe} | {method.upper()} | " + " | ".join(both(g) for g in GROUPS)
                              + f" | {both('overall', 'classwise_ece')} |")
-    rho_jobs = [j for j in jobs if j.info.get("rho") is not None and reports[j.name] is not None]
+    rho_jobs = [j for j in jobs if j.ir == 100 and j.info["recipe"] == "strong" and j.info["seed"] == 0
+                and j.info.get("rho") is not None and reports[j.name] is not None]
     if rho_jobs:
         lines += ["", "Fusing ratio on the strong stage 1 at IR 100 (seed 0), chosen on the validation split "
                   "(mean per-class accuracy, before scaling, which does not change it):", "",
