@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from reproduce_cifar100_lt import IMBALANCE_FACTOR, PAPER, Job, execute  # noqa: E402
+from reproduce_cifar100_lt import PAPER, Job, add_job_arguments, execute  # noqa: E402
 
 # The strong stage-1 recipe: PaCo's CIFAR training (Cui et al., ICCV 2021: AutoAugment's CIFAR policy and
 # Cutout 16, weight decay 5e-4, 400 epochs of cosine decay after a 5-epoch warm-up) with the balanced softmax
@@ -92,6 +91,12 @@ def calibrated(job: Job, data_root: Path) -> dict | None:
     return report
 
 
+def finished(jobs: list[Job], reports: dict[str, dict | None], ir: int, recipe: str, method: str) -> list[dict]:
+    """The calibrated reports of the finished jobs of one table row (one per seed)."""
+    return [reports[j.name] for j in jobs if j.ir == ir and j.info["recipe"] == recipe and j.info["method"] == method
+            and reports[j.name] is not None]
+
+
 def _mean(values: list[float]) -> str:
     if not values:
         return "-"
@@ -110,8 +115,7 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
     for ir in args.irs:
         for recipe in args.recipes:
             for method in ("dr", "h2t"):
-                done = [reports[j.name] for j in jobs if j.ir == ir and j.info["recipe"] == recipe
-                        and j.info["method"] == method and reports[j.name] is not None]
+                done = finished(jobs, reports, ir, recipe, method)
                 cells = [_mean([r["top1"] for r in done])]
                 cells += [_mean([r["groups"][g]["accuracy"] for r in done]) for g in GROUPS[1:]]
                 paper = PAPER["dr" if method == "dr" else "h2t"][ir] if recipe == "paper" else ""
@@ -122,8 +126,7 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
     for ir in args.irs:
         for recipe in args.recipes:
             for method in ("dr", "h2t"):
-                done = [reports[j.name] for j in jobs if j.ir == ir and j.info["recipe"] == recipe
-                        and j.info["method"] == method and reports[j.name] is not None]
+                done = finished(jobs, reports, ir, recipe, method)
                 if not done:
                     continue
 
@@ -150,10 +153,7 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    default_root = Path(os.environ.get("H2T_DATA_ROOT", ROOT.parent / "shared" / "data"))
-    parser.add_argument("--data-root", type=Path, default=default_root)
-    parser.add_argument("--irs", type=int, nargs="+", default=[200, 100, 50], choices=sorted(IMBALANCE_FACTOR))
+    add_job_arguments(parser)
     parser.add_argument("--recipes", nargs="+", default=["paper", "strong"], choices=["paper", "strong"])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--stage1-epochs", type=int, help="override both recipes' stage-1 length (smoke runs)")
@@ -161,11 +161,6 @@ def main() -> int:
     parser.add_argument("--sam", type=float, default=0.0, help="SAM rho for the strong recipe's stage 1 (0: off)")
     parser.add_argument("--rho-check", action="store_true", help="H2T at rho 0.1/0.25/0.4/0.55 on the strong stage 1 "
                         "at IR 100, chosen on the validation split")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--device", help="passed to h2t train (default: cuda when present)")
-    parser.add_argument("--jobs", type=int, default=1, help="training processes at once")
-    parser.add_argument("--threads-per-job", type=int, default=max(1, (os.cpu_count() or 2)))
-    parser.add_argument("--tables-only", action="store_true", help="print the tables of finished jobs")
     args = parser.parse_args()
     jobs = plan(args)
     if not args.tables_only:

@@ -178,21 +178,26 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every study of `h2t train` jobs on CIFAR-100-LT takes: where, which ratios, how to run the jobs."""
     parser.add_argument("--out", type=Path, required=True)
     default_root = Path(os.environ.get("H2T_DATA_ROOT", ROOT.parent / "shared" / "data"))
     parser.add_argument("--data-root", type=Path, default=default_root)
     parser.add_argument("--irs", type=int, nargs="+", default=[200, 100, 50], choices=sorted(IMBALANCE_FACTOR))
-    parser.add_argument("--stage1-epochs", type=int, default=200)
-    parser.add_argument("--stage2-epochs", type=int, default=10)
-    parser.add_argument("--paired-seeds", type=int, default=3)
-    parser.add_argument("--rho-sweep", action="store_true", help="also stage 2 at rho 0.1 ... 1.0 (IR 100)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--device", help="passed to h2t train (default: cuda when present)")
     parser.add_argument("--jobs", type=int, default=1, help="training processes at once")
     parser.add_argument("--threads-per-job", type=int, default=max(1, (os.cpu_count() or 2)))
     parser.add_argument("--tables-only", action="store_true", help="print the tables of finished jobs")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_arguments(parser)
+    parser.add_argument("--stage1-epochs", type=int, default=200)
+    parser.add_argument("--stage2-epochs", type=int, default=10)
+    parser.add_argument("--paired-seeds", type=int, default=3)
+    parser.add_argument("--rho-sweep", action="store_true", help="also stage 2 at rho 0.1 ... 1.0 (IR 100)")
     args = parser.parse_args()
     jobs = plan(args)
     if not args.tables_only:

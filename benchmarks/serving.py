@@ -191,6 +191,11 @@ async def load(port: int, request: bytes, concurrency: int, requests: int) -> tu
     return len(latencies) / (time.perf_counter() - started), latencies
 
 
+def pct(values: list[float], q: int) -> float:
+    """The q-th percentile of latencies in seconds, in milliseconds."""
+    return 1000 * statistics.quantiles(values, n=100)[q - 1]
+
+
 def http_table(home: Path, model_id: str, concurrencies: list[int], requests: int, rounds: int) -> list[str]:
     import httpx
     from PIL import Image
@@ -237,9 +242,6 @@ def http_table(home: Path, model_id: str, concurrencies: list[int], requests: in
         for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=20)
-
-    def pct(values: list[float], q: int) -> float:
-        return 1000 * statistics.quantiles(values, n=100)[q - 1]
 
     rows = ["| concurrency | endpoint | requests/s (median of rounds) | p50 ms | p95 ms | p99 ms | vs predict, "
             "batching off |", "|---|---|---|---|---|---|---|"]
@@ -327,9 +329,6 @@ def rivals_table(home: Path, model_id: str, onnx: Path, cache: Path, concurrenci
     finally:
         for stop in reversed(stoppers):
             stop()
-
-    def pct(values: list[float], q: int) -> float:
-        return 1000 * statistics.quantiles(values, n=100)[q - 1]
 
     rows = ["| concurrency | server | requests/s (median of rounds) | p50 ms | p99 ms | server CPU ms per request | "
             "vs best other tool |", "|---|---|---|---|---|---|---|"]

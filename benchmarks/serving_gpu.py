@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import free_port, load, multipart_request, register, start_h2t  # noqa: E402
+from serving import free_port, load, multipart_request, pct, register, start_h2t  # noqa: E402
 
 from models.contract.onnx_model import BoundRunner, ModelSpec, load_session, on_cuda  # noqa: E402
 from models.core.backbones import build_classifier  # noqa: E402
@@ -119,9 +119,6 @@ def http_table(home: Path, model_id: str, requests: int, rounds: int) -> list[st
         for process in processes:
             process.terminate()
             process.wait(timeout=30)
-
-    def pct(values: list[float], q: int) -> float:
-        return 1000 * statistics.quantiles(values, n=100)[q - 1]
 
     rows = ["| concurrency | batching | requests/s (median of rounds) | p50 ms | p99 ms | on / off |",
             "|---|---|---|---|---|---|"]

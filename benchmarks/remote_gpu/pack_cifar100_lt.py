@@ -1,4 +1,4 @@
-"""Pack just the CIFAR-100 images the LT protocol reads (about 70 MiB), to carry to a GPU host offline.
+"""Pack just the CIFAR-100 images the LT protocol reads (about 61 MiB), to carry to a GPU host offline.
 
 The LT subsets depend only on the labels (per class, a seeded shuffle of that class's indices), and so do
 their `unused` validation splits (20 per class of the images each subset left out), so `unpack` rebuilds the

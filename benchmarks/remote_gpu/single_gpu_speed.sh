@@ -9,14 +9,7 @@
 set -u
 work=${WORK:-.remote-gpu}
 results=${1:-$work/results}
-mkdir -p "$results"
-if compgen -G "$work/wheels/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      "$work"/wheels/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/gpu.txt"
-python3 benchmarks/remote_gpu/pack_cifar100_lt.py unpack "$work/cifar100_lt.xz" /tmp/data || exit 1
+source benchmarks/remote_gpu/prepare.sh
 gpus=$(nvidia-smi -L | wc -l)
 
 python3 benchmarks/train_throughput.py --data-root /tmp/data --device cuda --precision bf16 --workers 4 --variants \
