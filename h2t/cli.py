@@ -127,6 +127,9 @@ def train_command(args: argparse.Namespace) -> int:
     print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
           f"{dataset.num_classes} classes, {'streamed from files' if dataset.streams else 'in memory'}, "
           f"device {device}", flush=True)
+    if dataset.val is not None:
+        print(f"validation: {len(dataset.val)} images held out for calibration ({dataset.val_source}); "
+              "`h2t models import` fits the temperatures on them", flush=True)
     if dataset.unreadable:
         shown = "; ".join(f"{u.path} ({u.reason})" for u in dataset.unreadable[:UNREADABLE_SHOWN])
         more = len(dataset.unreadable) - UNREADABLE_SHOWN
