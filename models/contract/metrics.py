@@ -148,12 +148,10 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return ece_from_bins(reliability_bins(probs.max(axis=1), correct, n_bins))
 
 
-def classwise_ece(probs: np.ndarray, labels: np.ndarray, classes: np.ndarray, n_bins: int = N_BINS) -> float | None:
-    """Mean over `classes` of the ECE of p_c against [label == c] over all images (equal-width bins of p_c)."""
-    if len(classes) == 0 or len(labels) == 0:
-        return None
+def classwise_errors(probs: np.ndarray, labels: np.ndarray, classes: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """Per class of `classes`: the ECE of p_c against [label == c] over all images (equal-width bins of p_c)."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    errors = []
+    errors = np.zeros(len(classes))
     for start in range(0, len(classes), 64):  # a chunk of classes at a time: N x 64 values
         chunk = classes[start:start + 64]
         p = probs[:, chunk]
@@ -162,8 +160,15 @@ def classwise_ece(probs: np.ndarray, labels: np.ndarray, classes: np.ndarray, n_
         for j in range(len(chunk)):
             confidence = np.bincount(which[:, j], weights=p[:, j], minlength=n_bins)
             accuracy = np.bincount(which[:, j], weights=hit[:, j], minlength=n_bins)
-            errors.append(float(np.abs(accuracy - confidence).sum() / len(labels)))
-    return float(np.mean(errors))
+            errors[start + j] = np.abs(accuracy - confidence).sum() / len(labels)
+    return errors
+
+
+def classwise_ece(probs: np.ndarray, labels: np.ndarray, classes: np.ndarray, n_bins: int = N_BINS) -> float | None:
+    """Mean over `classes` of their `classwise_errors`; None without classes or images."""
+    if len(classes) == 0 or len(labels) == 0:
+        return None
+    return float(np.mean(classwise_errors(probs, labels, classes, n_bins)))
 
 
 DEFAULT_GROUPS = GroupConfig()
@@ -187,9 +192,11 @@ def class_groups(train_counts: Sequence[int], config: GroupConfig = DEFAULT_GROU
 
 
 def evaluate_predictions(
-    probs: np.ndarray, labels: np.ndarray, groups: Sequence[str], n_bins: int = N_BINS
+    probs: np.ndarray, labels: np.ndarray, groups: Sequence[str], n_bins: int = N_BINS, classwise: bool = False
 ) -> EvaluationReport:
-    """Top-1 and, overall and per group, accuracy, ECE and reliability bins.
+    """Top-1 and, overall and per group, accuracy, ECE and reliability bins; with `classwise`, the class-wise
+    ECE too (a pass over every class: seconds for a thousand classes, so for the served model's reports, not
+    for every epoch's evaluation).
 
     Group accuracy is the mean of per-class accuracies over the group's classes present in the
     evaluation set (the paper's definition); group ECE uses the samples whose true class is in it.
@@ -205,6 +212,11 @@ def evaluate_predictions(
     per_class_n = np.bincount(labels, minlength=num_classes)
     per_class_correct = np.bincount(labels, weights=correct, minlength=num_classes)
     group_of_class = np.asarray(groups)
+    all_classes = np.arange(num_classes)
+    errors = classwise_errors(probs, labels, all_classes, n_bins) if classwise and len(labels) else None
+
+    def mean_error(classes: np.ndarray) -> float | None:
+        return float(np.mean(errors[classes])) if errors is not None and len(classes) else None
 
     def report(mask: np.ndarray, classes: np.ndarray) -> GroupReport:
         bins = reliability_bins(confidences[mask], correct[mask], n_bins)
@@ -212,13 +224,12 @@ def evaluate_predictions(
         accuracy = float(np.mean(per_class_correct[present] / per_class_n[present])) if len(present) else None
         ece = ece_from_bins(bins) if mask.any() else None  # an empty group has no accuracy to report, not 0
         return GroupReport(n=int(mask.sum()), accuracy=accuracy, ece=ece, bins=bins,
-                           classwise_ece=classwise_ece(probs, labels, present))
+                           classwise_ece=mean_error(present))
 
     top1 = float(correct.mean()) if len(correct) else 0.0
     overall_bins = reliability_bins(confidences, correct, n_bins)
-    all_classes = np.arange(num_classes)
     reports = {"overall": GroupReport(n=len(labels), accuracy=top1, ece=ece_from_bins(overall_bins), bins=overall_bins,
-                                      classwise_ece=classwise_ece(probs, labels, all_classes))}
+                                      classwise_ece=mean_error(all_classes))}
     for name in GROUP_NAMES:
         classes = all_classes[group_of_class == name]
         reports[name] = report(np.isin(labels, classes), classes)

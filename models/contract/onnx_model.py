@@ -239,4 +239,4 @@ def decode_image(data: bytes, image_size: int, max_pixels: int, fit: Fit = "squa
 def evaluate_onnx(session, images_uint8: np.ndarray, labels: np.ndarray, groups: list[str]) -> EvaluationReport:
     """Accuracy and calibration, overall and per group, of the served artifact on a labelled split."""
     probs = run_probabilities(session, uint8_to_input(images_uint8))
-    return evaluate_predictions(probs, labels, groups)
+    return evaluate_predictions(probs, labels, groups, classwise=True)

@@ -133,7 +133,7 @@ def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[
     result = export_onnx(model, spec, path, parity_images)
     test_labels = dataset.test.labels.numpy()
     report = evaluate_predictions(_served_probabilities(path, dataset.test, dataset.eval_fit, workers), test_labels,
-                                  groups)
+                                  groups, classwise=True)
     if calibration in (None, "none") or dataset.val is None:
         return ServedModel(result, spec, report)
 
@@ -143,9 +143,9 @@ def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[
     fitted = fit_temperatures(val_logits, val_labels, groups, calibration)
     result = export_onnx(model, spec, path, parity_images, np.asarray(fitted.per_class, dtype=np.float32))
     calibrated = evaluate_predictions(_served_probabilities(path, dataset.test, dataset.eval_fit, workers),
-                                      test_labels, groups)
-    val_before = evaluate_predictions(val_probs, val_labels, groups)
-    val_after = evaluate_predictions(fitted.apply(val_logits), val_labels, groups)
+                                      test_labels, groups, classwise=True)
+    val_before = evaluate_predictions(val_probs, val_labels, groups, classwise=True)
+    val_after = evaluate_predictions(fitted.apply(val_logits), val_labels, groups, classwise=True)
     fit = CalibrationFit(
         level=calibration, validation=dataset.val_source, validation_images=len(val_labels),
         temperatures={"overall": fitted.overall, **fitted.groups},

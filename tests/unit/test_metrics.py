@@ -97,3 +97,16 @@ def test_classwise_ece_is_the_mean_over_classes_of_each_class_probabilitys_calib
     assert classwise_ece(probs, labels, np.array([0, 1])) == pytest.approx(expected)
     assert classwise_ece(probs, labels, np.array([1])) == pytest.approx((0.1 + 0.6 + 0.2) / 3)
     assert classwise_ece(probs, labels, np.array([], dtype=int)) is None
+
+
+def test_reports_hold_the_classwise_ece_per_group_only_when_asked():
+    from models.contract.metrics import classwise_ece
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(6), 200)
+    labels = rng.integers(0, 6, 200)
+    groups = ["many", "many", "medium", "medium", "few", "few"]
+    assert evaluate_predictions(probs, labels, groups).groups["few"].classwise_ece is None  # every epoch: skipped
+    report = evaluate_predictions(probs, labels, groups, classwise=True)
+    assert report.groups["overall"].classwise_ece == pytest.approx(classwise_ece(probs, labels, np.arange(6)))
+    assert report.groups["few"].classwise_ece == pytest.approx(classwise_ece(probs, labels, np.array([4, 5])))
