@@ -68,9 +68,10 @@ def plan(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def calibrated(job: Job, data_root: Path) -> dict | None:
-    """The job's model exported with temperatures fitted on its validation split (cached in its folder)."""
-    cache = job.out / "calibration.json"
+def calibrated(job: Job, data_root: Path, logit_adjustment: bool = False) -> dict | None:
+    """The job's model exported with temperatures fitted on its validation split (cached in its folder); with
+    `logit_adjustment`, a post-hoc logit adjustment fitted there first."""
+    cache = job.out / ("calibration-adjusted.json" if logit_adjustment else "calibration.json")
     if cache.exists():
         return json.loads(cache.read_text())
     if not job.folder.summary.exists():
@@ -82,6 +83,9 @@ def calibrated(job: Job, data_root: Path) -> dict | None:
     from models.core.export import export_finished_folder
 
     config = LocalTrainConfig.model_validate(yaml.safe_load(job.folder.config.read_text()))
+    if logit_adjustment:
+        config = config.model_copy(update={"validation": config.validation.model_copy(
+            update={"logit_adjustment": True})})
     dataset = load_dataset(config.dataset, data_root, augment=config.augment, loader=config.loader,
                            validation=config.validation)
     with tempfile.TemporaryDirectory() as scratch:
@@ -97,6 +101,21 @@ def finished(jobs: list[Job], reports: dict[str, dict | None], ir: int, recipe: 
             and reports[j.name] is not None]
 
 
+def stage1_lengths(jobs: list[Job], ir: int, recipe: str) -> str:
+    """The stage-1 epochs the finished jobs of a recipe trained (the table says when a run was shortened)."""
+    import yaml
+
+    lengths = {yaml.safe_load(j.folder.config.read_text())["stage1"]["epochs"] for j in jobs
+               if j.ir == ir and j.info["recipe"] == recipe and j.folder.summary.exists()}
+    return "/".join(str(n) for n in sorted(lengths)) or "-"
+
+
+def stage1_alone(jobs: list[Job], ir: int, recipe: str) -> list[dict]:
+    """The last-epoch metrics of each seed's stage 1 before any stage 2 (kept in the DR job's summary)."""
+    return [s["stage1_last"] for j in jobs if j.ir == ir and j.info["recipe"] == recipe and j.info["method"] == "dr"
+            and j.folder.summary.exists() and (s := json.loads(j.folder.summary.read_text()))["stage1_last"]]
+
+
 def _mean(values: list[float]) -> str:
     if not values:
         return "-"
@@ -110,16 +129,22 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
     lines = [f"Validation: {VALIDATION[1].split('=')[1]} unused balanced training images per class where left "
              "(extra labelled data the long-tailed benchmark does not give); temperatures per predicted class, "
              "shrunk towards the group's. Last epoch, test split.\n",
-             "| IR | recipe | stage 2 | seeds | top-1 % | many | medium | few | paper top-1 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| IR | recipe | stage-1 epochs | stage 2 | seeds | top-1 % | many | medium | few | paper top-1 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for ir in args.irs:
         for recipe in args.recipes:
+            epochs = stage1_lengths(jobs, ir, recipe)
+            alone = stage1_alone(jobs, ir, recipe)
+            cells = [_mean([m["top1"] for m in alone])] + [_mean([m[g] for m in alone]) for g in GROUPS[1:]]
+            lines.append(f"| {ir} | {recipe} | {epochs} | none (stage 1 alone, uncalibrated) | {len(alone)} | "
+                         f"{' | '.join(cells)} | |")
             for method in ("dr", "h2t"):
                 done = finished(jobs, reports, ir, recipe, method)
                 cells = [_mean([r["top1"] for r in done])]
                 cells += [_mean([r["groups"][g]["accuracy"] for r in done]) for g in GROUPS[1:]]
                 paper = PAPER["dr" if method == "dr" else "h2t"][ir] if recipe == "paper" else ""
-                lines.append(f"| {ir} | {recipe} | {method.upper()} | {len(done)} | {' | '.join(cells)} | {paper} |")
+                lines.append(f"| {ir} | {recipe} | {epochs} | {method.upper()} | {len(done)} | {' | '.join(cells)} "
+                             f"| {paper} |")
     lines += ["", "ECE % on the test split without → with the fitted temperatures (mean over seeds):", "",
               "| IR | recipe | stage 2 | overall | many | medium | few | class-wise ECE overall |",
               "|---|---|---|---|---|---|---|---|"]
@@ -137,6 +162,23 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
 
                 lines.append(f"| {ir} | {recipe} | {method.upper()} | " + " | ".join(both(g) for g in GROUPS)
                              + f" | {both('overall', 'classwise_ece')} |")
+    adjusted = {job.name: calibrated(job, args.data_root, logit_adjustment=True)
+                if reports[job.name] is not None else None for job in jobs}
+    lines += ["", "Post-hoc logit adjustment fitted on the validation split (tau for the best mean per-class "
+              "validation accuracy), then the class temperatures; test split, %:", "",
+              "| IR | recipe | stage 2 | tau | top-1 | many | medium | few | ECE | ECE many | ECE medium | ECE few |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for ir in args.irs:
+        for recipe in args.recipes:
+            for method in ("dr", "h2t"):
+                done = finished(jobs, adjusted, ir, recipe, method)
+                if not done:
+                    continue
+                taus = "/".join(f"{r['calibration_fit']['logit_adjustment_tau']:g}" for r in done)
+                cells = [_mean([r["top1"] for r in done])]
+                cells += [_mean([r["groups"][g]["accuracy"] for r in done]) for g in GROUPS[1:]]
+                cells += [_mean([r["groups"][g]["ece"] for r in done]) for g in GROUPS]
+                lines.append(f"| {ir} | {recipe} | {method.upper()} | {taus} | {' | '.join(cells)} |")
     rho_jobs = [j for j in jobs if j.ir == 100 and j.info["recipe"] == "strong" and j.info["seed"] == 0
                 and j.info.get("rho") is not None and reports[j.name] is not None]
     if rho_jobs:
@@ -156,7 +198,8 @@ def main() -> int:
     add_job_arguments(parser)
     parser.add_argument("--recipes", nargs="+", default=["paper", "strong"], choices=["paper", "strong"])
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--stage1-epochs", type=int, help="override both recipes' stage-1 length (smoke runs)")
+    parser.add_argument("--stage1-epochs", type=int, help="override both recipes' stage-1 length (smoke runs, or "
+                        "a run that must fit a budget: the tables show the length trained)")
     parser.add_argument("--stage2-epochs", type=int, default=10)
     parser.add_argument("--sam", type=float, default=0.0, help="SAM rho for the strong recipe's stage 1 (0: off)")
     parser.add_argument("--rho-check", action="store_true", help="H2T at rho 0.1/0.25/0.4/0.55 on the strong stage 1 "

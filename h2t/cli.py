@@ -129,7 +129,7 @@ def train_command(args: argparse.Namespace) -> int:
           f"device {device}", flush=True)
     if dataset.val is not None:
         print(f"validation: {len(dataset.val)} images held out for calibration ({dataset.val_source}); "
-              "`h2t models import` fits the temperatures on them", flush=True)
+              f"`h2t models import` fits {config.validation.fitted()} on them", flush=True)
     if dataset.unreadable:
         shown = "; ".join(f"{u.path} ({u.reason})" for u in dataset.unreadable[:UNREADABLE_SHOWN])
         more = len(dataset.unreadable) - UNREADABLE_SHOWN

@@ -172,7 +172,7 @@ def train_and_export(ranks: Ranks, device: torch.device, hooks: TrainingHooks, r
         return None
     try:
         served = export_and_calibrate(result.model, dataset, result.groups, folder.onnx, loader_workers(config.loader),
-                                      config.validation.calibration if config.validation else None)
+                                      config.validation)
     except Exception as exc:
         raise ExportFailed(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
     return TrainedRun(served, result.pretrained.summary() if result.pretrained is not None else None)

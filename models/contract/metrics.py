@@ -59,11 +59,15 @@ class CalibrationFit(_Record):
     validation_images: int
     temperatures: dict[str, float] = Field(description="the temperature fitted overall and per group of the "
                                            "predicted class (the class level shrinks per-class fits towards these)")
+    logit_adjustment_tau: float | None = Field(
+        None, description="the post-hoc logit adjustment applied before the temperatures (logits minus tau x log "
+        "training class frequency), fitted on the validation split; null: none was asked for")
     test_before: dict[str, GroupSummary] = Field(
-        description="the test split's accuracy, ECE and class-wise ECE without the scaling, overall and per group; "
-        "the report's groups hold them with it")
+        description="the test split's accuracy, ECE and class-wise ECE without the scaling (and adjustment), "
+        "overall and per group; the report's groups hold them with it")
     validation_before: dict[str, GroupSummary] = Field(description="the same on the validation split, unscaled")
-    validation_after: dict[str, GroupSummary] = Field(description="the same on the validation split, scaled")
+    validation_after: dict[str, GroupSummary] = Field(description="the same on the validation split, scaled (and "
+                                                      "adjusted)")
 
 
 class EvaluationReport(_Record):

@@ -13,6 +13,11 @@ the same positive number never changes its argmax, so accuracy is untouched. Thr
 
 The result is a vector of C temperatures indexed by the predicted class, whatever the level: the exported
 ONNX graph and the predict endpoint apply it the same way.
+
+Optionally, before the temperatures, a post-hoc logit adjustment (Menon et al., ICLR 2021): z - tau * log pi,
+with pi the training split's class frequencies and tau chosen on the validation split for the best mean
+per-class accuracy. Unlike temperature scaling it moves predictions between head and tail classes: tau > 0
+favours the tail, tau < 0 the head, tau = 0 changes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ CalibrationLevel = Literal["overall", "group", "class"]
 SHRINKAGE = 20.0  # validation predictions worth as much as the group's fit (the k above)
 BETA_RANGE = (1e-2, 1e2)  # inverse temperatures searched: T from 0.01 to 100
 _SEARCH_STEPS = 80
+TAU_GRID = tuple(round(-1.0 + 0.05 * i, 2) for i in range(61))  # logit-adjustment strengths tried: -1 to 2
 
 
 class Temperatures(BaseModel):
@@ -110,3 +116,29 @@ def calibrated_probabilities(logits: np.ndarray, per_class: np.ndarray) -> np.nd
     """softmax(z / T[argmax z]) per image: the argmax (the prediction) never changes."""
     temperature = per_class[logits.argmax(axis=1)][:, None]
     return softmax(logits / temperature).astype(np.float32)
+
+
+def class_log_prior(class_counts: Sequence[int]) -> np.ndarray:
+    """log of the training split's class frequencies; an empty class gets the log of half an image (finite)."""
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 0.5)
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def mean_class_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy averaged over the classes present in `labels` (each class weighs the same)."""
+    size = int(max(predicted.max(initial=0), labels.max(initial=0))) + 1
+    seen = np.bincount(labels, minlength=size)
+    right = np.bincount(labels, weights=(predicted == labels).astype(np.float64), minlength=size)
+    present = seen > 0
+    return float(np.mean(right[present] / seen[present])) if present.any() else 0.0
+
+
+def fit_logit_adjustment(logits: np.ndarray, labels: np.ndarray, log_prior: np.ndarray) -> float:
+    """The tau of TAU_GRID whose adjusted logits z - tau * log_prior have the best mean per-class accuracy on
+    the validation `logits` and `labels`; among equals the one nearest 0 (no adjustment unless it helps)."""
+    best_tau, best_score = 0.0, mean_class_accuracy(logits.argmax(axis=1), labels)
+    for tau in sorted(TAU_GRID, key=abs):
+        score = mean_class_accuracy((logits - tau * log_prior).argmax(axis=1), labels)
+        if score > best_score:
+            best_tau, best_score = tau, score
+    return best_tau

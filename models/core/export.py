@@ -8,12 +8,12 @@ import warnings
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 import torch
 
+from models.contract.config import ValidationConfig
 from models.contract.metrics import CalibrationFit, EvaluationReport, evaluate_predictions, summaries
 from models.contract.onnx_model import (
     INPUT_NAME,
@@ -24,22 +24,25 @@ from models.contract.onnx_model import (
     sha256_file,
     uint8_to_input,
 )
-from models.contract.temperature import CalibrationLevel, fit_temperatures
+from models.contract.temperature import class_log_prior, fit_logit_adjustment, fit_temperatures, softmax
 from models.core.backbones import ImageClassifier
 from models.core.data import Dataset
 from models.core.source import held_out_batches
 
 OPSET = 17
 TEMPERATURES_KEY = "h2t.temperatures"  # metadata of a calibrated export: the temperature per predicted class
+LOGIT_OFFSETS_KEY = "h2t.logit_offsets"  # metadata of a logit-adjusted export: what is subtracted from each logit
 LOWEST_PROBABILITY = float(np.finfo(np.float32).tiny)  # log(p) stands for the logits; p never underflows to 0 here
 
 
 class _Exportable(torch.nn.Module):
-    """[0, 1] RGB in, softmax probabilities out; with `temperatures` (one per class), the logits of an image
-    are divided by the temperature of its predicted class first (temperature scaling: same argmax)."""
+    """[0, 1] RGB in, softmax probabilities out; with `logit_offsets` (one per class), those are subtracted from
+    the logits first (post-hoc logit adjustment: may change the argmax); with `temperatures` (one per class), the
+    logits of an image are then divided by the temperature of its predicted class (temperature scaling: same
+    argmax)."""
 
     def __init__(self, model: ImageClassifier, mean: tuple[float, ...], std: tuple[float, ...],
-                 temperatures: np.ndarray | None = None) -> None:
+                 temperatures: np.ndarray | None = None, logit_offsets: np.ndarray | None = None) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -47,9 +50,14 @@ class _Exportable(torch.nn.Module):
         self.calibrated = temperatures is not None
         if temperatures is not None:
             self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+        self.adjusted = logit_offsets is not None
+        if logit_offsets is not None:
+            self.register_buffer("logit_offsets", torch.tensor(logit_offsets, dtype=torch.float32).unsqueeze(0))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.model((image - self.mean) / self.std)
+        if self.adjusted:
+            logits = logits - self.logit_offsets
         if self.calibrated:
             logits = logits / self.temperatures[logits.argmax(dim=1)].unsqueeze(1)
         return torch.softmax(logits, dim=1)
@@ -65,11 +73,12 @@ class ExportResult:
 
 
 def export_onnx(model: ImageClassifier, spec: ModelSpec, path: Path, parity_images: np.ndarray,
-                temperatures: np.ndarray | None = None) -> ExportResult:
+                temperatures: np.ndarray | None = None, logit_offsets: np.ndarray | None = None) -> ExportResult:
     """Write `path` (fp32, CPU graph, dynamic batch) and compare it with the torch model on
-    `parity_images` (uint8 N x 3 x H x W, real test images); with `temperatures` (per predicted class), the
-    graph answers temperature-scaled probabilities, and the parity is of those."""
-    wrapper = _Exportable(copy.deepcopy(model), spec.mean, spec.std, temperatures).to("cpu").float().eval()
+    `parity_images` (uint8 N x 3 x H x W, real test images); with `logit_offsets` and `temperatures` (per
+    class), the graph answers adjusted, temperature-scaled probabilities, and the parity is of those."""
+    wrapper = _Exportable(copy.deepcopy(model), spec.mean, spec.std, temperatures,
+                          logit_offsets).to("cpu").float().eval()
     example = torch.zeros(2, 3, spec.image_size, spec.image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
@@ -82,6 +91,8 @@ def export_onnx(model: ImageClassifier, spec: ModelSpec, path: Path, parity_imag
     metadata = spec.to_metadata()
     if temperatures is not None:
         metadata[TEMPERATURES_KEY] = json.dumps([float(t) for t in temperatures])
+    if logit_offsets is not None:
+        metadata[LOGIT_OFFSETS_KEY] = json.dumps([float(o) for o in logit_offsets])
     for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(graph)
@@ -115,16 +126,16 @@ def _served_probabilities(path: Path, split, fit: str, workers: int) -> np.ndarr
 
 
 def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[str], path: Path,
-                         workers: int = 0, calibration: CalibrationLevel | Literal["none"] | None = None
-                         ) -> ServedModel:
+                         workers: int = 0, validation: ValidationConfig | None = None) -> ServedModel:
     """Export, check parity on real test images, and measure the served artifact itself (through
     onnxruntime) on the whole test split, read batch by batch: accuracy, ECE and reliability bins,
     overall and per group.
 
-    With a `calibration` level and a dataset holding a validation split, temperatures are fitted on the
-    validation split's outputs of the exported model (log-probabilities: the logits up to a constant per
-    image, which softmax ignores), the model is exported again applying them, and the report measures the
-    calibrated artifact, with the uncalibrated test figures and the validation ECE before and after beside."""
+    Where the run's `validation` asks for calibration and the dataset holds a validation split, the exported
+    model's outputs on that split (log-probabilities: the logits up to a constant per image, which softmax and
+    the argmax ignore) are what is fitted: first the logit adjustment where asked for, then the temperatures on
+    the adjusted logits. The model is exported again applying them, and the report measures that artifact,
+    with the test figures before and the validation figures before and after beside."""
     spec = ModelSpec(dataset.image_size, tuple(dataset.mean), tuple(dataset.std), tuple(dataset.class_names),
                      tuple(groups), dataset.eval_fit)
     with closing(held_out_batches(dataset.test, dataset.eval_fit, PARITY_IMAGES)) as first:
@@ -134,21 +145,32 @@ def export_and_calibrate(model: ImageClassifier, dataset: Dataset, groups: list[
     test_labels = dataset.test.labels.numpy()
     report = evaluate_predictions(_served_probabilities(path, dataset.test, dataset.eval_fit, workers), test_labels,
                                   groups, classwise=True)
-    if calibration in (None, "none") or dataset.val is None:
+    level = validation.calibration if validation is not None else "none"
+    adjust = validation is not None and validation.logit_adjustment
+    if (level == "none" and not adjust) or dataset.val is None:
         return ServedModel(result, spec, report)
 
     val_labels = dataset.val.labels.numpy()
     val_probs = _served_probabilities(path, dataset.val, dataset.eval_fit, workers)
     val_logits = np.log(np.maximum(val_probs, LOWEST_PROBABILITY))
-    fitted = fit_temperatures(val_logits, val_labels, groups, calibration)
-    result = export_onnx(model, spec, path, parity_images, np.asarray(fitted.per_class, dtype=np.float32))
+    tau = offsets = None
+    if adjust:
+        prior = class_log_prior(dataset.train_counts())
+        tau = fit_logit_adjustment(val_logits, val_labels, prior)
+        offsets = (tau * prior).astype(np.float32)
+        val_logits = val_logits - offsets
+    fitted = fit_temperatures(val_logits, val_labels, groups, level) if level != "none" else None
+    temperatures = np.asarray(fitted.per_class, dtype=np.float32) if fitted is not None else None
+    result = export_onnx(model, spec, path, parity_images, temperatures, offsets)
     calibrated = evaluate_predictions(_served_probabilities(path, dataset.test, dataset.eval_fit, workers),
                                       test_labels, groups, classwise=True)
     val_before = evaluate_predictions(val_probs, val_labels, groups, classwise=True)
-    val_after = evaluate_predictions(fitted.apply(val_logits), val_labels, groups, classwise=True)
+    val_after = evaluate_predictions(fitted.apply(val_logits) if fitted is not None else softmax(val_logits),
+                                     val_labels, groups, classwise=True)
     fit = CalibrationFit(
-        level=calibration, validation=dataset.val_source, validation_images=len(val_labels),
-        temperatures={"overall": fitted.overall, **fitted.groups},
+        level=level, validation=dataset.val_source, validation_images=len(val_labels),
+        temperatures={"overall": fitted.overall, **fitted.groups} if fitted is not None else {},
+        logit_adjustment_tau=tau,
         test_before=summaries(report), validation_before=summaries(val_before), validation_after=summaries(val_after))
     return ServedModel(result, spec, calibrated.model_copy(update={"calibration_fit": fit}))
 
@@ -171,4 +193,4 @@ def export_finished_folder(folder_root: Path, config, dataset: Dataset, path: Pa
     model = build_classifier(config.backbone, dataset.num_classes)
     model.load_state_dict(state["model"])
     return export_and_calibrate(model.eval(), dataset, run_groups(dataset, config), path,
-                                calibration=config.validation.calibration if config.validation else None)
+                                validation=config.validation)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.contract.config import Stage1Config, Stage2Config
+from models.contract.temperature import class_log_prior
 from models.core.augment import (
     Augmentation,
     CutoutDraws,
@@ -108,9 +109,8 @@ def logit_adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, log
 
 
 def log_prior(class_counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """log of the training split's class frequencies; an empty class gets the log of half an image (finite)."""
-    counts = torch.tensor(class_counts, dtype=torch.float32, device=device).clamp_min(0.5)
-    return torch.log(counts / counts.sum())
+    """`class_log_prior` on the training device."""
+    return torch.from_numpy(class_log_prior(class_counts)).to(device)
 
 
 def sam_perturb(parameters: list[nn.Parameter], rho: float) -> list[torch.Tensor | None]:

@@ -122,9 +122,11 @@ def test_a_calibrated_export_answers_the_torch_side_temperature_scaled_probabili
 def test_export_with_a_validation_split_fits_temperatures_there_and_reports_before_and_after(digits, trained,
                                                                                             tmp_path):
     held = load_dataset(BuiltinDataset.model_validate(TINY_DATASET), validation=ValidationConfig())
-    served = export_and_calibrate(trained.model, held, trained.groups, tmp_path / "m.onnx", calibration="group")
+    served = export_and_calibrate(trained.model, held, trained.groups, tmp_path / "m.onnx",
+                                  validation=ValidationConfig(calibration="group"))
     fit = served.calibration.calibration_fit
     assert fit.level == "group" and fit.validation_images == len(held.val) and "left out" in fit.validation
+    assert fit.logit_adjustment_tau is None
     assert set(fit.temperatures) == {"overall", "many", "medium", "few"}
     assert set(fit.test_before) == set(served.calibration.groups)
     before, after = fit.test_before["overall"], served.calibration.groups["overall"]
@@ -133,6 +135,41 @@ def test_export_with_a_validation_split_fits_temperatures_there_and_reports_befo
     uncalibrated = export_and_calibrate(trained.model, held, trained.groups, tmp_path / "u.onnx")
     assert uncalibrated.calibration.calibration_fit is None
     assert uncalibrated.calibration.groups["overall"].ece == pytest.approx(before.ece)
+
+
+def test_a_logit_adjusted_export_subtracts_the_offsets_before_the_temperatures(digits, trained, tmp_path):
+    temperatures = np.linspace(0.5, 3.0, digits.num_classes).astype(np.float32)
+    offsets = np.linspace(-4.0, 4.0, digits.num_classes).astype(np.float32)  # large enough to move predictions
+    images = digits.test.images.numpy()[:64]
+    result = export_onnx(trained.model, _spec(digits, trained.groups), tmp_path / "m.onnx", images, temperatures,
+                         offsets)
+    with torch.no_grad():
+        model = trained.model.cpu().float().eval()
+        mean, std = torch.tensor(digits.mean).view(1, 3, 1, 1), torch.tensor(digits.std).view(1, 3, 1, 1)
+        plain = model((torch.from_numpy(images).float() / 255 - mean) / std)
+        logits = plain - torch.from_numpy(offsets)
+        expected = torch.softmax(logits / torch.from_numpy(temperatures)[logits.argmax(1)][:, None], 1).numpy()
+    served = run_probabilities(load_session(result.path), images.astype(np.float32) / 255)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert not np.array_equal(served.argmax(1), plain.argmax(1).numpy())  # the adjustment moved some predictions
+    metadata = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+    assert json.loads(metadata["h2t.logit_offsets"]) == pytest.approx(offsets.tolist())
+
+
+def test_export_with_logit_adjustment_fits_tau_on_the_validation_split_and_stores_the_offsets(digits, trained,
+                                                                                             tmp_path):
+    held = load_dataset(BuiltinDataset.model_validate(TINY_DATASET), validation=ValidationConfig())
+    served = export_and_calibrate(trained.model, held, trained.groups, tmp_path / "m.onnx",
+                                  validation=ValidationConfig(calibration="overall", logit_adjustment=True))
+    fit = served.calibration.calibration_fit
+    assert fit.logit_adjustment_tau is not None and -1.0 <= fit.logit_adjustment_tau <= 2.0
+    metadata = {p.key: p.value for p in onnx.load(str(served.export.path)).metadata_props}
+    assert "h2t.logit_offsets" in metadata and "h2t.temperatures" in metadata
+    only_adjusted = export_and_calibrate(trained.model, held, trained.groups, tmp_path / "a.onnx",
+                                         validation=ValidationConfig(calibration="none", logit_adjustment=True))
+    assert only_adjusted.calibration.calibration_fit.temperatures == {}
+    names = {p.key for p in onnx.load(str(only_adjusted.export.path)).metadata_props}
+    assert "h2t.logit_offsets" in names and "h2t.temperatures" not in names
 
 
 def test_calibration_of_the_served_artifact_matches_the_torch_model(digits, trained, tmp_path):

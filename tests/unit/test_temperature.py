@@ -4,7 +4,15 @@ and recovers the temperature that made synthetic logits overconfident."""
 import numpy as np
 import pytest
 
-from models.contract.temperature import calibrated_probabilities, fit_temperatures, nll, softmax
+from models.contract.temperature import (
+    calibrated_probabilities,
+    class_log_prior,
+    fit_logit_adjustment,
+    fit_temperatures,
+    mean_class_accuracy,
+    nll,
+    softmax,
+)
 
 GROUPS = ["many"] * 4 + ["medium"] * 3 + ["few"] * 3
 
@@ -55,3 +63,38 @@ def test_calibrated_probabilities_divide_by_the_predicted_class_temperature():
     np.testing.assert_allclose(out[0], softmax(logits[:1] / 2.0)[0], rtol=1e-6)
     np.testing.assert_allclose(out[1], softmax(logits[1:] / 0.5)[0], rtol=1e-6)
     assert out.dtype == np.float32
+
+
+def test_class_log_prior_is_the_log_frequency_and_finite_for_an_empty_class():
+    prior = class_log_prior([300, 100, 0])
+    assert np.all(np.isfinite(prior))
+    assert prior[0] - prior[1] == pytest.approx(np.log(3.0), abs=1e-6)
+    assert prior[2] == pytest.approx(np.log(0.5 / 400.5), abs=1e-6)
+
+
+def test_mean_class_accuracy_weighs_every_class_present_the_same():
+    predicted, labels = np.array([0, 0, 0, 0, 1, 2]), np.array([0, 0, 0, 0, 2, 2])
+    assert mean_class_accuracy(predicted, labels) == pytest.approx((1.0 + 0.5) / 2)  # class 1 is absent
+
+
+def _head_biased_logits(rng: np.random.Generator, prior: np.ndarray, bias: float) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.repeat(np.arange(len(prior)), 30)  # a balanced validation split
+    scores = rng.normal(0.0, 1.0, (len(labels), len(prior)))
+    scores[np.arange(len(labels)), labels] += 1.5
+    return (scores + bias * prior).astype(np.float32), labels
+
+
+def test_logit_adjustment_undoes_a_head_bias_and_raises_the_mean_class_accuracy():
+    rng = np.random.default_rng(0)
+    prior = class_log_prior(np.geomspace(500, 5, 20).round().astype(int))
+    logits, labels = _head_biased_logits(rng, prior, bias=1.0)
+    tau = fit_logit_adjustment(logits, labels, prior)
+    assert 0.6 <= tau <= 1.4
+    assert (mean_class_accuracy((logits - tau * prior).argmax(1), labels)
+            > mean_class_accuracy(logits.argmax(1), labels) + 0.05)
+
+
+def test_logit_adjustment_keeps_tau_zero_when_no_other_value_does_better():
+    prior = class_log_prior([400, 40, 4])
+    logits = np.eye(3, dtype=np.float32)[[0, 1, 2, 2, 1, 0]] * 50.0  # every prediction right, by a wide margin
+    assert fit_logit_adjustment(logits, np.array([0, 1, 2, 2, 1, 0]), prior) == 0.0
