@@ -180,16 +180,14 @@ def export_finished_folder(folder_root: Path, config, dataset: Dataset, path: Pa
     for a service run (`export_and_calibrate`); a folder whose stage 2 has not finished is refused."""
     from models.contract.layout import RunFolder
     from models.core.backbones import build_classifier
-    from models.core.train import load_checkpoint, run_groups
+    from models.core.stages import Stage2Recipe
+    from models.core.train import finished_checkpoint, run_groups
 
-    checkpoint = RunFolder(folder_root).checkpoint(2)
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"{folder_root} holds no stage-2 checkpoint; train it with `h2t train --out "
-                                f"{folder_root}` first")
-    state = load_checkpoint(checkpoint)
-    if state["epoch"] < state["meta"]["epochs"]:
-        raise ValueError(f"stage 2 in {folder_root} stopped at epoch {state['epoch']} of {state['meta']['epochs']}; "
-                         f"run the same `h2t train --out {folder_root}` again to finish it")
+    try:
+        state = finished_checkpoint(RunFolder(folder_root), Stage2Recipe.stage, config.backbone, dataset.num_classes)
+    except (FileNotFoundError, ValueError) as exc:
+        hint = f"; run `h2t train --out {folder_root}` with its config (again) to finish it"
+        raise type(exc)(f"{exc}{hint}") from exc
     model = build_classifier(config.backbone, dataset.num_classes)
     model.load_state_dict(state["model"])
     return export_and_calibrate(model.eval(), dataset, run_groups(dataset, config), path,

@@ -263,19 +263,21 @@ class TwoStageResult:
     pretrained: PretrainedReport | None = None  # what this call loaded before a fresh stage 1
 
 
-def finished_stage1(source: RunFolder, backbone: str, num_classes: int) -> Path:
-    """The checkpoint of a completed stage 1 in `source`, checked to fit this run."""
-    path = source.checkpoint(Stage1Recipe.stage)
+def finished_checkpoint(source: RunFolder, stage: int, backbone: str, num_classes: int,
+                        device: torch.device | str = "cpu") -> dict:
+    """The loaded checkpoint of a completed `stage` in `source`, checked to be a `backbone` for `num_classes`:
+    a stage-1 checkpoint a run reuses, or the stage-2 one a finished folder is exported from."""
+    path = source.checkpoint(stage)
     if not path.exists():
-        raise FileNotFoundError(f"no stage-1 checkpoint at {path}")
-    meta = load_checkpoint(path)
-    info, done = meta["meta"], meta["epoch"]
+        raise FileNotFoundError(f"no stage-{stage} checkpoint at {path}")
+    state = load_checkpoint(path, device)
+    info, done = state["meta"], state["epoch"]
     if done < info["epochs"]:
-        raise ValueError(f"stage 1 in {source.root} stopped at epoch {done} of {info['epochs']}")
+        raise ValueError(f"stage {stage} in {source.root} stopped at epoch {done} of {info['epochs']}")
     if info["backbone"] != backbone or info["num_classes"] != num_classes:
-        raise ValueError(f"stage 1 in {source.root} is a {info['backbone']} for {info['num_classes']} classes, "
-                         f"this run needs a {backbone} for {num_classes}")
-    return path
+        raise ValueError(f"stage {stage} in {source.root} is a {info['backbone']} for {info['num_classes']} "
+                         f"classes, this run needs a {backbone} for {num_classes}")
+    return state
 
 
 def train_two_stage(
@@ -315,7 +317,7 @@ def train_two_stage(
         pretrained = initialise_from(model, config.pretrained, weights or WeightSource())
 
     if stage1_from is not None:
-        state = load_checkpoint(finished_stage1(stage1_from, config.backbone, dataset.num_classes), device)
+        state = finished_checkpoint(stage1_from, Stage1Recipe.stage, config.backbone, dataset.num_classes, device)
         model.load_state_dict(state["model"])
         stage1_history = [EpochMetrics.model_validate(m) for m in state["history"]]
     else:

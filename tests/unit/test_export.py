@@ -23,8 +23,8 @@ from models.contract.onnx_model import (
 )
 from models.core.backbones import build_classifier
 from models.core.data import digits_long_tailed, load_dataset
-from models.core.export import export_and_calibrate, export_onnx
-from models.core.train import train_two_stage
+from models.core.export import export_and_calibrate, export_finished_folder, export_onnx
+from models.core.train import load_checkpoint, train_two_stage
 from service.api.models_api.runtime import ModelCache
 from tests.helpers import TINY_DATASET, tiny_run_config
 
@@ -170,6 +170,18 @@ def test_export_with_logit_adjustment_fits_tau_on_the_validation_split_and_store
     assert only_adjusted.calibration.calibration_fit.temperatures == {}
     names = {p.key for p in onnx.load(str(only_adjusted.export.path)).metadata_props}
     assert "h2t.logit_offsets" in names and "h2t.temperatures" not in names
+
+
+def test_exporting_a_folder_refuses_a_missing_or_unfinished_stage_2_and_says_how_to_finish_it(digits, tmp_path):
+    config = RunConfig.model_validate(tiny_run_config(stage2={"epochs": 1}))
+    folder = RunFolder(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"no stage-2 checkpoint.*h2t train --out"):
+        export_finished_folder(folder.root, config, digits, tmp_path / "m.onnx")
+    train_two_stage(digits, config, folder, torch.device("cpu"))
+    assert export_finished_folder(folder.root, config, digits, tmp_path / "m.onnx").export.path.exists()
+    torch.save(load_checkpoint(folder.checkpoint(2)) | {"epoch": 0}, folder.checkpoint(2))
+    with pytest.raises(ValueError, match=r"stage 2 .* stopped at epoch 0 of 1.*h2t train --out"):
+        export_finished_folder(folder.root, config, digits, tmp_path / "n.onnx")
 
 
 def test_calibration_of_the_served_artifact_matches_the_torch_model(digits, trained, tmp_path):
