@@ -163,7 +163,7 @@ def tables(jobs: list[Job], args: argparse.Namespace) -> str:
                 lines.append(f"| {ir} | {recipe} | {method.upper()} | " + " | ".join(both(g) for g in GROUPS)
                              + f" | {both('overall', 'classwise_ece')} |")
     adjusted = {job.name: calibrated(job, args.data_root, logit_adjustment=True)
-                if reports[job.name] is not None else None for job in jobs}
+                if reports[job.name] is not None and job.info["method"] in ("dr", "h2t") else None for job in jobs}
     lines += ["", "Post-hoc logit adjustment fitted on the validation split (tau for the best mean per-class "
               "validation accuracy), then the class temperatures; test split, %:", "",
               "| IR | recipe | stage 2 | tau | top-1 | many | medium | few | ECE | ECE many | ECE medium | ECE few |",
