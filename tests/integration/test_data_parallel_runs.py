@@ -66,7 +66,8 @@ def _start_two_device_worker(settings, start_worker):
 
 def _started_training(client, run_id: str, worker_pid: int) -> list[int]:
     """Waits for the run's first epoch row, then returns its ranks' pids."""
-    wait_for(lambda: metric_keys(client, run_id), 120, f"the first epoch of run {run_id}")
+    # a CIFAR-100-LT epoch on two ranks sharing a small CPU in fp32 can take minutes; only the wait grows
+    wait_for(lambda: metric_keys(client, run_id), 600, f"the first epoch of run {run_id}")
     return wait_for(lambda: _ranks_of(worker_pid), 10, "the ranks of the run")
 
 
